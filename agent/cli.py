@@ -1,0 +1,407 @@
+"""The `podq` command line: a thin layer of argument parsing over the library's functions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent import __version__, admission, constants, logs, render
+from agent import config as config_mod
+from agent.config import Config, SSHHostConfig
+from agent.daemon import LOG_FILE, STATE_FILE, BackgroundDaemon, Daemon, QueueLock
+from agent.errors import ConfigError, ErrorCode, PodqError, QueueBusy, RequestError
+from agent.hosts import known_hosts
+from agent.journal import result_lines
+from agent.requests import REQUEST_ADAPTER, REQUEST_TYPES, decode_line, request_schema
+from agent.results import Event, ResultLine
+from agent.state import StateStore
+from agent.submit import append_line, follow, results_size, submit
+
+# Exit statuses of `podq submit --wait` (and the other commands where they apply).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the request ran and failed, timed out or was cancelled
+EXIT_REJECTED = 2  # the request was rejected (by podq submit itself or by the daemon), or bad usage
+EXIT_CONFIG = 3  # podq.toml is missing or invalid, or the queue is busy
+EXIT_WAIT_TIMEOUT = 124  # --wait-timeout passed with no terminal result (same as coreutils timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "submit":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"podq: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except QueueBusy as exc:
+        print(f"podq: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="podq",
+        description="Drive a remote GPU box safely: JSON requests in queue/requests.jsonl, results in "
+        "queue/results.jsonl.",
+    )
+    parser.add_argument("--version", action="version", version=f"podq {__version__}")
+    parser.add_argument("--config", type=Path, help="config file (default: ./podq.toml, else the embedded "
+                        "default: a `local` host)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)")
+    p.add_argument("--until-idle", action="store_true", help="exit once every request so far has finished")
+    p.add_argument("--json-logs", action="store_true", help="log JSON lines to stderr too")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser(
+        "submit",
+        help="validate a request and append it to the queue; prints its id",
+        description="Validate a request exactly as the daemon will and append it to requests.jsonl. "
+        "Fields are given as --FIELD VALUE (e.g. `podq submit tail_log --path logs/run.log --lines 20`) or "
+        "all at once with --json. Exit status with --wait: 0 succeeded, 1 failed/timed_out/cancelled, "
+        "2 rejected, 124 no result within --wait-timeout.",
+    )
+    p.add_argument("type", nargs="?", choices=REQUEST_TYPES, help="request type")
+    p.add_argument("--json", dest="json_text", metavar="JSON", help="the whole request as a JSON object")
+    p.add_argument("--wait", action="store_true", help="follow the results until the request finishes")
+    p.add_argument("--wait-timeout", type=float, metavar="S", help="with --wait: give up after S seconds")
+    p.set_defaults(handler=cmd_submit)
+
+    p = sub.add_parser("tail", help="a readable view of results.jsonl")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new results")
+    p.add_argument("--id", help="only this request's results")
+    p.add_argument("-n", "--lines", type=int, default=20, help="how many recent lines to show first (20)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON lines")
+    p.set_defaults(handler=cmd_tail)
+
+    p = sub.add_parser("status", help="recent requests and their state")
+    p.add_argument("-n", "--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("validate", help="check request lines in FILE without running them")
+    p.add_argument("file", type=Path)
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of requests")
+    p.set_defaults(handler=cmd_schema)
+
+    p = sub.add_parser("init", help="write a starter podq.toml (works as is: a `local` host)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing podq.toml")
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser("trust", help="show an SSH host's key fingerprint and record it in known_hosts")
+    p.add_argument("host", help="host name from podq.toml")
+    p.add_argument("--yes", action="store_true", help="record without asking (for scripts)")
+    p.set_defaults(handler=cmd_trust)
+
+    p = sub.add_parser("demo", help="start a daemon, run one request of each type on the first host, print "
+                       "the results, stop")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return config_mod.load(args.config)
+
+
+def _log_to(config: Config, *, json_console: bool = False, quiet: bool = False) -> None:
+    logs.configure(config.queue.dir / LOG_FILE, json_console=json_console,
+                   console_level=logging.WARNING if quiet else logging.INFO)
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    config.queue.dir.mkdir(parents=True, exist_ok=True)
+    _log_to(config, json_console=args.json_logs)
+    if config.source is None:
+        print("podq: no podq.toml here: using the embedded default (a `local` host, ./queue, ./workspace)",
+              file=sys.stderr)
+    return Daemon(config, until_idle=args.until_idle).run()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    config = _config(args)
+    try:
+        data = _request_from_args(args)
+    except ValueError as exc:
+        print(f"podq submit: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    start = results_size(config)
+    try:
+        request_id = submit(config, data)
+    except RequestError as exc:
+        print(f"podq submit: rejected ({exc.code.value}): {exc.message}", file=sys.stderr)
+        return EXIT_REJECTED
+    print(request_id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    return _wait(config, request_id, start, args.wait_timeout)
+
+
+def _wait(config: Config, request_id: str, offset: int, timeout_s: float | None) -> int:
+    hinted = False
+
+    def on_idle(waited: float) -> None:
+        nonlocal hinted
+        if not hinted and waited >= constants.NO_DAEMON_HINT_AFTER_S and not QueueLock.is_held(config.queue.dir):
+            print(f"podq: no daemon is serving {config.queue.dir}: start one with `podq run`", file=sys.stderr)
+            hinted = True
+
+    try:
+        for line in follow(config, offset, until=lambda r: r.id == request_id and r.terminal,
+                           timeout_s=timeout_s, on_idle=on_idle):
+            if line.id != request_id:
+                continue
+            if line.terminal:
+                sys.stdout.buffer.write(line.to_json_line())
+                sys.stdout.flush()
+                return {Event.SUCCEEDED: EXIT_OK, Event.REJECTED: EXIT_REJECTED}.get(line.event, EXIT_FAILED)
+            print(render.event_line(line), file=sys.stderr)
+    except TimeoutError:
+        print(f"podq: no result for {request_id} within {timeout_s:g} s (it stays queued)", file=sys.stderr)
+        return EXIT_WAIT_TIMEOUT
+    return EXIT_FAILED  # pragma: no cover - follow only returns after a terminal line
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.json_text is not None:
+        if args.type or args.extra:
+            raise ValueError("give either --json or TYPE with --FIELD VALUE options, not both")
+        try:
+            return decode_line(args.json_text.encode())
+        except RequestError as exc:
+            raise ValueError(exc.message) from None
+    if args.type is None:
+        raise ValueError("give a request TYPE (one of " + ", ".join(REQUEST_TYPES) + ") or --json")
+    data: dict[str, Any] = {"type": args.type}
+    string_fields = _string_fields(args.type)
+    tokens = list(args.extra)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--") or len(token) < 3:
+            raise ValueError(f"expected --FIELD VALUE, got {token!r}")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if not tokens:
+                raise ValueError(f"--{name} needs a value")
+            value = tokens.pop(0)
+        name = name.replace("-", "_")
+        data[name] = value if name in string_fields else _json_or_text(value)
+    return data
+
+
+def _string_fields(kind: str) -> set[str]:
+    """Fields whose value is text, so `--path 123` stays the string "123"."""
+    schema = REQUEST_ADAPTER.json_schema()
+    for definition in schema.get("$defs", {}).values():
+        props = definition.get("properties", {})
+        if props.get("type", {}).get("const") == kind:
+            return {
+                name for name, prop in props.items()
+                if prop.get("type") == "string" or any(a.get("type") == "string" for a in prop.get("anyOf", []))
+            }
+    return set()
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    config = _config(args)
+    lines = [line for _, line in _all_results(config) if args.id is None or line.id == args.id]
+    for line in lines[-args.lines:] if args.lines > 0 else []:
+        _print_result(line, args.json)
+    if not args.follow:
+        return EXIT_OK
+    try:
+        for line in follow(config, results_size(config)):
+            if args.id is None or line.id == args.id:
+                _print_result(line, args.json)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _all_results(config: Config) -> list[tuple[int, ResultLine]]:
+    return list(result_lines(config.results_path))
+
+
+def _print_result(line: ResultLine, raw: bool) -> None:
+    if raw:
+        sys.stdout.buffer.write(line.to_json_line())
+    else:
+        sys.stdout.write(render.event_line(line) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    state_path = config.queue.dir / STATE_FILE
+    running = QueueLock.is_held(config.queue.dir)
+    if not state_path.exists():
+        print(f"no requests yet in {config.queue.dir} (daemon {'running' if running else 'not running'})")
+        return EXIT_OK
+    store = StateStore(state_path, readonly=True)
+    try:
+        rows = store.recent(args.limit)
+        counts = store.counts()
+    finally:
+        store.close()
+    if args.json:
+        out = {"daemon_running": running, "counts": counts,
+               "requests": [{"id": r.id, "type": r.type, "host": r.host, "state": r.state,
+                             "received_at": r.received_at, "updated_at": r.updated_at,
+                             "duration_s": r.duration_s, "error_code": r.error_code} for r in rows]}
+        sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
+        return EXIT_OK
+    print(render.status_table(rows, counts, daemon_running=running, queue_dir=config.queue.dir))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    try:
+        content = args.file.read_bytes()
+    except OSError as exc:
+        print(f"podq validate: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    bad = total = 0
+    for number, line in enumerate(content.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        total += 1
+        try:
+            if len(line) > constants.MAX_LINE_BYTES:
+                raise RequestError(f"line longer than {constants.MAX_LINE_BYTES} bytes", code=ErrorCode.LINE_TOO_LONG)
+            admission.admit(config, decode_line(line))
+        except RequestError as exc:
+            bad += 1
+            print(f"{args.file}:{number}: {exc.code.value}: {exc.message}")
+    print(f"{total - bad} valid, {bad} invalid", file=sys.stderr)
+    return EXIT_OK if bad == 0 else EXIT_FAILED
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    sys.stdout.buffer.write(orjson.dumps(request_schema(), option=orjson.OPT_INDENT_2) + b"\n")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path: Path = args.config or Path(config_mod.CONFIG_FILENAME)
+    if path.exists() and not args.force:
+        print(f"podq init: {path} exists; use --force to overwrite it", file=sys.stderr)
+        return EXIT_CONFIG
+    path.write_text(config_mod.STARTER_CONFIG, encoding="utf-8")
+    config = config_mod.load(path)
+    config.queue.dir.mkdir(parents=True, exist_ok=True)
+    for host in config.hosts:
+        if host.kind == "local":
+            Path(host.workspace).mkdir(parents=True, exist_ok=True)
+    print(f"wrote {path}; start the daemon with `podq run`, then try `podq submit ping --wait`")
+    return EXIT_OK
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    config = _config(args)
+    host = config.host(args.host)
+    if host is None:
+        print(f"podq trust: no host {args.host!r} in podq.toml (hosts: {', '.join(config.host_names)})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(host, SSHHostConfig):
+        print(f"podq trust: {host.name} is a {host.kind} host; only ssh hosts have host keys", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        server = asyncio.run(known_hosts.fetch_server_key(host.hostname, host.port, host.connect_timeout_s))
+    except PodqError as exc:
+        print(f"podq trust: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    trusted = known_hosts.trusted_keys(host.known_hosts, host.hostname, host.port)
+    target = f"{host.hostname}:{host.port}"
+    if any(k.public_data == server.key.public_data for k in trusted):
+        print(f"{target} is already trusted ({server.algorithm} {server.fingerprint})")
+        return EXIT_OK
+    if trusted:
+        print(f"podq trust: WARNING: {host.known_hosts} holds a DIFFERENT key for {target}. The pod may have "
+              "been replaced, or someone may be intercepting the connection. Remove the old entry by hand "
+              "(ssh-keygen -R) if the change is expected, then run this again.", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{target} presents {server.algorithm} key {server.fingerprint}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("podq trust: not recording without confirmation: compare the fingerprint with the pod's "
+                  "(e.g. `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on it), then rerun with --yes",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        answer = input(f"Record it in {host.known_hosts}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("not recorded")
+            return EXIT_FAILED
+    known_hosts.record(host.known_hosts, server.known_hosts_line(host.hostname, host.port))
+    print(f"recorded in {host.known_hosts}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = _config(args)
+    config.queue.dir.mkdir(parents=True, exist_ok=True)
+    logs.configure(config.queue.dir / LOG_FILE, console_level=logging.WARNING)
+    host = config.hosts[0]
+    where = str(config.source) if config.source else "the embedded default config (a `local` host)"
+    print(f"podq demo: {where}; queue {config.queue.dir}; host {host.name} ({host.kind})\n")
+    if host.kind == "local":
+        log_dir = Path(host.workspace) / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "demo.log").write_text("".join(f"demo log line {i}\n" for i in range(1, 11)))
+    requests: list[dict[str, Any]] = [
+        {"type": "ping"},
+        {"type": "gpu"},
+        {"type": "df"},
+        {"type": "ls", "path": "."},
+        {"type": "tail_log", "path": "logs/demo.log", "lines": 3},
+        {"type": "ls", "path": "../etc"},  # refused: shows what a rejection looks like
+    ]
+    for r in requests:
+        r["host"] = host.name
+    offset = results_size(config)
+    ids: list[str] = []
+    with BackgroundDaemon(config):
+        for r in requests:
+            try:
+                ids.append(submit(config, r))
+            except RequestError as exc:
+                print(f"  (not submitted: {exc.code.value}: {exc.message})")
+                # Written raw, as an AI assistant might, to show the daemon's rejection line.
+                r["id"] = f"demo-bad-{len(ids)}"
+                append_line(config.requests_path, r)
+                ids.append(r["id"])
+        pending = set(ids)
+        for line in follow(config, offset, timeout_s=120):
+            if line.id in pending:
+                print(render.event_line(line))
+                if line.terminal:
+                    pending.discard(line.id)
+            if not pending:
+                break
+    print(f"\nresults: {config.results_path}\nnext: `podq tail`, `podq status`, `podq submit ping --wait`")
+    return EXIT_OK

@@ -1,0 +1,212 @@
+"""podq.toml: the typed configuration, where it is found, and the starter `podq init` writes.
+
+Relative paths in the file are resolved against the file's own folder, so a config works the same whatever
+the current directory is.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent import constants
+from agent.errors import ConfigError
+
+CONFIG_FILENAME = "podq.toml"
+HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetrySettings(_Strict):
+    """Back-off for connection-level failures (never for a command that ran)."""
+
+    attempts: int = Field(constants.DEFAULT_CONNECT_ATTEMPTS, ge=1, le=20)
+    initial_s: float = Field(constants.DEFAULT_RETRY_INITIAL_S, ge=0)
+    max_s: float = Field(constants.DEFAULT_RETRY_MAX_S, ge=0)
+
+
+class _HostBase(_Strict):
+    name: str = Field(pattern=HOST_NAME_PATTERN)
+    # Upper bound on commands running at once on this host.
+    max_concurrency: int = Field(
+        constants.MAX_CHANNELS_PER_CONNECTION * constants.DEFAULT_MAX_CONNECTIONS, ge=1, le=256
+    )
+
+
+class SSHHostConfig(_HostBase):
+    kind: Literal["ssh"]
+    hostname: str = Field(min_length=1)
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field("root", min_length=1)
+    identity_file: Path = Path("~/.ssh/id_ed25519")
+    known_hosts: Path = Path("~/.ssh/known_hosts")
+    workspace: PurePosixPath = PurePosixPath("/workspace")
+    connect_timeout_s: float = Field(constants.DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    retry: RetrySettings = RetrySettings()
+
+    @field_validator("workspace")
+    @classmethod
+    def _absolute_workspace(cls, value: PurePosixPath) -> PurePosixPath:
+        if not value.is_absolute():
+            raise ValueError("an ssh host's workspace must be an absolute path on the host, e.g. /workspace")
+        return value
+
+    @property
+    def max_connections(self) -> int:
+        return -(-self.max_concurrency // constants.MAX_CHANNELS_PER_CONNECTION)
+
+
+class LocalHostConfig(_HostBase):
+    """Runs the same commands on this machine: the embedded default, and handy without a pod."""
+
+    kind: Literal["local"]
+    workspace: Path = Path("workspace")
+
+
+HostConfig = Annotated[SSHHostConfig | LocalHostConfig, Field(discriminator="kind")]
+
+
+class QueueSettings(_Strict):
+    dir: Path = Path("queue")
+
+
+class DaemonSettings(_Strict):
+    shutdown_grace_s: float = Field(constants.DEFAULT_SHUTDOWN_GRACE_S, ge=0)
+
+
+class Config(_Strict):
+    queue: QueueSettings = QueueSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    hosts: list[HostConfig] = Field(min_length=1)
+    # Where the file was read from (None for the embedded default); set by `load`, not by the file.
+    source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_host_names(self) -> Config:
+        names = [h.name for h in self.hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"host names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def host(self, name: str | None) -> HostConfig | None:
+        """The host a request names, or the only host when it names none."""
+        if name is None:
+            return self.hosts[0] if len(self.hosts) == 1 else None
+        return next((h for h in self.hosts if h.name == name), None)
+
+    @property
+    def host_names(self) -> list[str]:
+        return [h.name for h in self.hosts]
+
+    @property
+    def requests_path(self) -> Path:
+        return self.queue.dir / "requests.jsonl"
+
+    @property
+    def results_path(self) -> Path:
+        return self.queue.dir / "results.jsonl"
+
+
+STARTER_CONFIG = """\
+# podq configuration. Every relative path is relative to this file's folder.
+# Docs: README.md ("Configuration") and docs/requests.md.
+
+[queue]
+dir = "queue"                 # requests.jsonl, results.jsonl and podq's state live here
+
+[daemon]
+shutdown_grace_s = 10         # on SIGINT/SIGTERM, how long running commands get to finish
+
+# The embedded default: run commands on this machine, inside ./workspace. Needs no pod.
+[[hosts]]
+name = "local"
+kind = "local"
+workspace = "workspace"       # every path in a request is relative to this and must stay inside it
+
+# A remote GPU pod over SSH. Uncomment, fill in, then run `podq trust pod1` once to record its host key.
+# With more than one host, each request names its `host`.
+# [[hosts]]
+# name = "pod1"
+# kind = "ssh"
+# hostname = "1.2.3.4"
+# port = 22
+# user = "root"
+# identity_file = "~/.ssh/id_ed25519"
+# known_hosts = "~/.ssh/known_hosts"   # host keys are verified against this; never silently accepted
+# workspace = "/workspace"
+# max_concurrency = 8                  # commands at once; 4 SSH channels per connection, more connections above that
+# connect_timeout_s = 10
+# retry = { attempts = 4, initial_s = 0.5, max_s = 8 }   # connection-level failures only
+"""
+
+
+def _resolve(config: Config, base: Path) -> Config:
+    """Make every path absolute: relative ones against `base`, `~` expanded."""
+
+    def local(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    hosts: list[SSHHostConfig | LocalHostConfig] = []
+    for h in config.hosts:
+        if isinstance(h, SSHHostConfig):
+            hosts.append(
+                h.model_copy(update={"identity_file": local(h.identity_file), "known_hosts": local(h.known_hosts)})
+            )
+        else:
+            hosts.append(h.model_copy(update={"workspace": local(h.workspace)}))
+    return config.model_copy(update={"queue": QueueSettings(dir=local(config.queue.dir)), "hosts": hosts})
+
+
+def parse(text: str, *, base: Path, source: Path | None) -> Config:
+    where = str(source) if source else "the embedded default config"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from exc
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where} is invalid:\n{_describe(exc)}") from exc
+    return _resolve(config, base).model_copy(update={"source": source})
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {loc or '(top level)'}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load(path: Path | None = None, *, cwd: Path | None = None) -> Config:
+    """Read the config: `path` when given, else ./podq.toml, else the embedded default (a `local` host)."""
+    if path is None:
+        candidate = (cwd or Path.cwd()) / CONFIG_FILENAME
+        if not candidate.exists():
+            return default(cwd=cwd)
+        path = candidate
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} not found: create one with `podq init`") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    return parse(text, base=path.resolve().parent, source=path.resolve())
+
+
+def default(*, cwd: Path | None = None) -> Config:
+    """The embedded default: the starter config, rooted at the current directory."""
+    return parse(STARTER_CONFIG, base=(cwd or Path.cwd()).resolve(), source=None)
+
+
+def is_valid_host_name(name: str) -> bool:
+    return re.fullmatch(HOST_NAME_PATTERN, name) is not None

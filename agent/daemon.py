@@ -1,0 +1,511 @@
+"""The daemon: takes request lines off requests.jsonl, runs accepted ones on their hosts, appends results.
+
+`run()` is for people (signals, exit code); `async_run()` is for tests and embedding. The crash-safety
+protocol lives in `state.py`; this module follows it: claim a line, then write; write a result, then commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from agent import constants
+from agent.admission import admit, resolve_host
+from agent.commands import command_for, plan
+from agent.commands.base import text
+from agent.config import Config
+from agent.errors import ErrorCode, HostError, QueueBusy, RequestError
+from agent.hosts import Host, Invocation, make_host
+from agent.hosts.base import Completed
+from agent.journal import RawLine, RequestsReader, ResultsJournal, result_lines
+from agent.requests import REQUEST_ADAPTER, Request, auto_id, decode_line, readable_id
+from agent.results import ErrorInfo, Event, ResultLine, Truncated, now
+from agent.state import RECEIVED, Claim, Row, StateStore
+from agent.watch import FileWatcher
+
+log = structlog.get_logger("podq.daemon")
+
+STATE_FILE = "podq.sqlite3"
+LOCK_FILE = ".podq.lock"
+LOG_FILE = "podq.log"
+
+# Intake yields to running jobs after this many lines, so a burst of appends never starves them.
+_INTAKE_BATCH = 100
+
+
+@dataclass(frozen=True)
+class Job:
+    """An accepted request, bound to its host and the argv it will run."""
+
+    seq: int
+    request: Request
+    host: Host
+    invocation: Invocation
+    meta: dict[str, Any] | None
+
+    @property
+    def id(self) -> str:
+        assert self.request.id is not None
+        return self.request.id
+
+    def line(self, event: Event, **fields: Any) -> ResultLine:
+        return ResultLine(id=self.id, event=event, ts=now(), type=self.request.type, host=self.host.name,
+                          meta=self.meta, **fields)
+
+
+class QueueLock:
+    """Only one daemon serves a queue folder: an exclusive flock held for the daemon's life."""
+
+    def __init__(self, queue_dir: Path) -> None:
+        self.path = queue_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> QueueLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise QueueBusy(
+                f"another podq daemon (pid {holder}) already serves {self.path.parent}: stop it first, or "
+                "point this one at another [queue] dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+    @staticmethod
+    def is_held(queue_dir: Path) -> bool:
+        """Whether a daemon is serving `queue_dir` right now."""
+        path = queue_dir / LOCK_FILE
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+class Daemon:
+    def __init__(self, config: Config, *, until_idle: bool = False) -> None:
+        self.config = config
+        self.until_idle = until_idle
+        self.queue_dir = config.queue.dir
+        self.hosts: dict[str, Host] = {h.name: make_host(h) for h in config.hosts}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self.accepted = 0
+        self.rejected = 0
+        self.finished = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Daemon {self.queue_dir} accepted={self.accepted} rejected={self.rejected} "
+            f"finished={self.finished} running={len(self._tasks)}>"
+        )
+
+    # -- entry points ---------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGINT/SIGTERM (or, with until_idle, until nothing is left), then exit 0."""
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await self.async_run(stop)
+
+        asyncio.run(main())
+        return 0
+
+    async def async_run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        with QueueLock(self.queue_dir):
+            self.state = StateStore(self.queue_dir / STATE_FILE)
+            self.journal = ResultsJournal(self.config.results_path)
+
+            def wake() -> None:  # called from watchdog's thread
+                loop.call_soon_threadsafe(self._wake.set)
+
+            watcher = FileWatcher(self.queue_dir, {self.config.requests_path.name}, wake)
+            try:
+                for host in self.hosts.values():
+                    await host.start()
+                watcher.start()
+                cursor = self.state.cursor()
+                self.reader = RequestsReader(
+                    self.config.requests_path, generation=cursor.generation, dev=cursor.dev, ino=cursor.ino,
+                    offset=cursor.offset,
+                )
+                log.info("daemon.started", queue=str(self.queue_dir), hosts=list(self.hosts), pid=os.getpid())
+                self._recover()
+                await self._serve(stop)
+                await self._drain()
+            finally:
+                watcher.stop()
+                for host in self.hosts.values():
+                    await host.close()
+                if hasattr(self, "reader"):
+                    self.reader.close()
+                self.journal.close()
+                self.state.close()
+                log.info("daemon.stopped", accepted=self.accepted, rejected=self.rejected, finished=self.finished)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                await self._intake()
+                if self.until_idle and not self._tasks:
+                    return
+                waker = asyncio.create_task(self._wake.wait())
+                await asyncio.wait({waker, stopper}, timeout=constants.SAFETY_RECHECK_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+        finally:
+            stopper.cancel()
+            log.info("daemon.stopping", running=len(self._tasks))
+
+    async def _drain(self) -> None:
+        """Stop taking work; let running commands finish within the grace period, then cancel them."""
+        self._stopping = True
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=self.config.daemon.shutdown_grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- intake ---------------------------------------------------------------------------------------------
+
+    async def _intake(self) -> None:
+        for taken, raw in enumerate(self.reader.lines(), start=1):
+            self._take(raw)
+            if taken % _INTAKE_BATCH == 0:
+                await asyncio.sleep(0)
+        cursor = self.state.cursor()
+        position = (self.reader.generation, self.reader.dev, self.reader.ino, self.reader.offset)
+        if position != (cursor.generation, cursor.dev, cursor.ino, cursor.offset):
+            self.state.set_position(*position)  # blank lines and rotations claim nothing, but move the cursor
+
+    def _take(self, raw: RawLine) -> None:
+        if raw.data is None:
+            self._reject(raw, None, None, RequestError(
+                f"the line is longer than {constants.MAX_LINE_BYTES} bytes: requests are small JSON objects; "
+                "put large data in a file under the workspace and pass its path",
+                code=ErrorCode.LINE_TOO_LONG,
+            ))
+            return
+        if not raw.data.strip():
+            return  # blank lines are ignored, not rejected
+        try:
+            data = decode_line(raw.data)
+        except RequestError as exc:
+            self._reject(raw, None, None, exc)
+            return
+        given_id = readable_id(data)
+        if given_id is not None and self.state.id_taken(given_id):
+            self._reject(raw, given_id, data, _duplicate(given_id), duplicate=True)
+            return
+        try:
+            admitted = admit(self.config, data)
+        except RequestError as exc:
+            self._reject(raw, given_id, data, exc)
+            return
+        request_id = admitted.request.id or auto_id(self.reader.generation, raw.offset)
+        if given_id is None and self.state.id_taken(request_id):
+            self._reject(raw, request_id, data, _duplicate(request_id), duplicate=True)
+            return
+        request = admitted.request.model_copy(update={"id": request_id})
+        host = self.hosts[admitted.host.name]
+        meta = request.meta
+        seq = self.state.claim(
+            Claim(id=request_id, generation=self.reader.generation, line_offset=raw.offset, type=request.type,
+                  host=host.name, request=_request_json(request), meta=_meta_json(meta),
+                  auto_id=given_id is None),
+            next_offset=raw.end, dev=self.reader.dev, ino=self.reader.ino,
+        )
+        job = Job(seq, request, host, admitted.invocation, meta)
+        self._accept(job, raw.offset, auto=given_id is None)
+
+    def _accept(self, job: Job, line_offset: int, *, auto: bool) -> None:
+        self._write(job.seq, job.line(Event.ACCEPTED, line_offset=line_offset, auto_id=auto or None))
+        self.accepted += 1
+        log.info("request.accepted", id=job.id, type=job.request.type, host=job.host.name)
+        self._schedule(job)
+
+    def _reject(
+        self, raw: RawLine, request_id: str | None, data: dict[str, Any] | None, error: RequestError,
+        *, duplicate: bool = False,
+    ) -> None:
+        data = data or {}
+        kind = _short_str(data.get("type"))
+        host = _short_str(data.get("host"))
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else None
+        seq = self.state.claim(
+            Claim(id=request_id, generation=self.reader.generation, line_offset=raw.offset, type=kind, host=host,
+                  meta=_meta_json(meta), duplicate=duplicate, error_code=error.code.value,
+                  error_message=error.message),
+            next_offset=raw.end, dev=self.reader.dev, ino=self.reader.ino,
+        )
+        self._write_rejection(seq, request_id, kind, host, meta, raw.offset, error.code, error.message)
+
+    def _write_rejection(
+        self, seq: int, request_id: str | None, kind: str | None, host: str | None, meta: dict[str, Any] | None,
+        line_offset: int, code: ErrorCode, message: str,
+    ) -> None:
+        line = ResultLine(id=request_id, event=Event.REJECTED, ts=now(), type=kind, host=host, meta=meta,
+                          line_offset=line_offset, error=ErrorInfo(code=code, message=message))
+        self._write(seq, line)
+        self.rejected += 1
+        log.info("request.rejected", id=request_id, line_offset=line_offset, code=code.value)
+
+    # -- execution ------------------------------------------------------------------------------------------
+
+    def _schedule(self, job: Job) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(job), name=f"podq-{job.id}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _execute(self, job: Job) -> None:
+        async with job.host.slot():
+            if self._stopping:
+                return  # never started: it stays `accepted` and runs on the next start
+            self._write(job.seq, job.line(Event.STARTED))
+            started = time.monotonic()
+            try:
+                completed = await job.host.run(job.invocation)
+            except HostError as exc:
+                self._finish(job, Event.FAILED, started, attempts=exc.attempts,
+                             error=ErrorInfo(code=exc.code, message=exc.message))
+                return
+            except asyncio.CancelledError:
+                self._finish(job, Event.CANCELLED, started, error=ErrorInfo(
+                    code=ErrorCode.CANCELLED,
+                    message=f"podq was stopped and this command did not finish within the "
+                    f"{self.config.daemon.shutdown_grace_s:g} s shutdown grace; resubmit it under a new id",
+                ))
+                raise
+            except Exception as exc:
+                self._internal_error(job, started, exc)
+                return
+            try:
+                self._finish_completed(job, completed, started)
+            except Exception as exc:
+                self._internal_error(job, started, exc)
+
+    def _internal_error(self, job: Job, started: float, exc: Exception) -> None:
+        """A bug in podq: report it on the request and keep serving the others."""
+        log.exception("request.internal_error", id=job.id)
+        self._finish(job, Event.FAILED, started, error=ErrorInfo(
+            code=ErrorCode.INTERNAL, message=f"podq failed internally ({exc!r}); see {LOG_FILE}",
+        ))
+
+    def _finish_completed(self, job: Job, completed: Completed, started: float) -> None:
+        duration = time.monotonic() - started
+        timeout_s = job.invocation.timeout_s
+        common: dict[str, Any] = {"exit_code": completed.exit_code, "attempts": completed.attempts}
+        if (completed.exit_code is None and duration >= timeout_s) or (
+            completed.timed_out and duration >= timeout_s * 0.98
+        ):
+            self._finish(job, Event.TIMED_OUT, started, **common, **_streams(completed, keep_stdout=True),
+                         error=ErrorInfo(code=ErrorCode.TIMEOUT, message=(
+                             f"the command ran longer than its timeout_s of {timeout_s:g} s and was stopped: "
+                             "raise `timeout_s` in the request if it needs longer")))
+            return
+        if completed.exit_code is None:
+            self._finish(job, Event.FAILED, started, **common, **_streams(completed, keep_stdout=True),
+                         error=ErrorInfo(code=ErrorCode.NONZERO_EXIT,
+                                         message="the command was killed by a signal before it exited"))
+            return
+        outcome = command_for(job.request).interpret(job.request, completed)
+        if outcome.error_code is not None:
+            self._finish(job, Event.FAILED, started, **common, **_streams(completed, keep_stdout=True),
+                         output=outcome.output,
+                         error=ErrorInfo(code=outcome.error_code, message=outcome.error_message or ""))
+            return
+        self._finish(job, Event.SUCCEEDED, started, **common,
+                     **_streams(completed, keep_stdout=outcome.keep_stdout), output=outcome.output)
+
+    def _finish(self, job: Job, event: Event, started: float, **fields: Any) -> None:
+        duration = round(time.monotonic() - started, 3)
+        fields.setdefault("attempts", 1)
+        self._write(job.seq, job.line(event, duration_s=duration, **fields), duration_s=duration)
+        self.finished += 1
+        error = fields.get("error")
+        log.info("request.finished", id=job.id, type=job.request.type, host=job.host.name, outcome=event.value,
+                 duration_s=duration, code=error.code.value if error else None)
+
+    # -- the journal ----------------------------------------------------------------------------------------
+
+    def _write(self, seq: int, line: ResultLine, *, duration_s: float | None = None) -> None:
+        """Append the line, then commit that it is there (the order recovery relies on)."""
+        end = self.journal.append(line)
+        self.state.mark(seq, line.event.value, results_offset=end, duration_s=duration_s)
+
+    def _recover(self) -> None:
+        """Bring state up to what results.jsonl shows, then finish what a crash or stop left open."""
+        self.journal.repair_tail()
+        checkpoint = self.state.cursor().results_checkpoint
+        if self.journal.size() < checkpoint:
+            checkpoint = 0  # results.jsonl was truncated or replaced: read it all back
+        for _, line in result_lines(self.config.results_path, checkpoint):
+            self.state.apply(line)
+        self.state.set_checkpoint(self.journal.size())
+        resumed = interrupted = 0
+        for row in self.state.unfinished():
+            if row.state == RECEIVED and row.error_code is not None:
+                self._write_rejection(row.seq, row.id, row.type, row.host, _meta(row), row.line_offset,
+                                      ErrorCode(row.error_code), row.error_message or "")
+            elif row.state == Event.STARTED.value:
+                interrupted += 1
+                self._write(row.seq, _row_line(row, Event.FAILED, error=ErrorInfo(
+                    code=ErrorCode.INTERRUPTED,
+                    message="podq stopped (crash or kill) while this command ran, so its outcome is unknown; "
+                    "it is not run again: resubmit it under a new id if it should run",
+                )))
+                self.finished += 1
+            else:
+                resumed += 1
+                self._resume(row)
+        if resumed or interrupted:
+            log.info("daemon.recovered", resumed=resumed, interrupted=interrupted)
+
+    def _resume(self, row: Row) -> None:
+        """A request claimed (and maybe accepted) before a restart, never started: run it now."""
+        assert row.request is not None
+        try:
+            request = REQUEST_ADAPTER.validate_json(row.request)
+            host = self.hosts[resolve_host(self.config, request.host).name]
+            job = Job(row.seq, request, host, plan(request, host.workspace), _meta(row))
+        except RequestError as exc:
+            # The config changed under it (e.g. its host is gone): it can no longer run.
+            if row.state == RECEIVED:
+                self._write_rejection(row.seq, row.id, row.type, row.host, _meta(row), row.line_offset,
+                                      exc.code, exc.message)
+            else:
+                self._write(row.seq, _row_line(row, Event.FAILED, error=ErrorInfo(code=exc.code,
+                                                                                  message=exc.message)))
+            return
+        if row.state == RECEIVED:
+            self._accept(job, row.line_offset, auto=row.auto_id)
+        else:
+            self.accepted += 1
+            self._schedule(job)
+
+
+def _duplicate(request_id: str) -> RequestError:
+    return RequestError(
+        f"id {request_id!r} was already used by an earlier request, which is unaffected: give every request "
+        "a new id (or leave `id` out and podq assigns one)",
+        code=ErrorCode.DUPLICATE_ID,
+    )
+
+
+def _streams(completed: Completed, *, keep_stdout: bool) -> dict[str, Any]:
+    cap = constants.MAX_OUTPUT_BYTES
+    fields: dict[str, Any] = {"stderr": text(completed.stderr[-cap:])}
+    truncated = Truncated(stdout=False, stderr=completed.stderr_dropped > 0 or len(completed.stderr) > cap)
+    if keep_stdout:
+        fields["stdout"] = text(completed.stdout[-cap:])
+        truncated = truncated.model_copy(
+            update={"stdout": completed.stdout_dropped > 0 or len(completed.stdout) > cap}
+        )
+    fields["truncated"] = truncated
+    return fields
+
+
+def _request_json(request: Request) -> bytes:
+    return orjson.dumps(request.model_dump(mode="json", exclude_none=True))
+
+
+def _meta_json(meta: dict[str, Any] | None) -> bytes | None:
+    return orjson.dumps(meta) if meta is not None else None
+
+
+def _meta(row: Row) -> dict[str, Any] | None:
+    return orjson.loads(row.meta) if row.meta else None
+
+
+def _row_line(row: Row, event: Event, **fields: Any) -> ResultLine:
+    return ResultLine(id=row.id, event=event, ts=now(), type=row.type, host=row.host, meta=_meta(row),
+                      attempts=1, **fields)
+
+
+def _short_str(value: object) -> str | None:
+    return value if isinstance(value, str) and len(value) <= 64 else None
+
+
+class BackgroundDaemon:
+    """A daemon on its own thread and event loop: for `podq demo` and tests that need one alongside."""
+
+    def __init__(self, config: Config) -> None:
+        self.daemon = Daemon(config)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="podq-daemon", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self.daemon.async_run(self._stop)
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:  # surfaced by stop()
+            self._error = exc
+            self._ready.set()
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> BackgroundDaemon:
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

@@ -1,0 +1,67 @@
+"""The `local` host: the same commands, run on this machine inside the configured workspace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, captures
+
+
+class LocalHost(Host):
+    kind = "local"
+
+    def __init__(self, name: str, workspace: Path, max_concurrency: int) -> None:
+        super().__init__(name, str(workspace), max_concurrency)
+        self._workspace_path = workspace
+
+    async def start(self) -> None:
+        # The local workspace is ours to make; a remote one is the pod owner's.
+        self._workspace_path.mkdir(parents=True, exist_ok=True)
+
+    async def run(self, invocation: Invocation) -> Completed:
+        stdout, stderr = captures()
+        proc = await asyncio.create_subprocess_exec(
+            *invocation.host_argv(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.workspace,
+            # Its own process group, so a timeout or shutdown can stop the whole tree.
+            start_new_session=True,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+
+        async def pump(stream: asyncio.StreamReader, capture: Capture) -> None:
+            while chunk := await stream.read(65536):
+                capture.feed(chunk)
+
+        try:
+            async with asyncio.timeout(invocation.timeout_s + BACKSTOP_S):
+                await asyncio.gather(pump(proc.stdout, stdout), pump(proc.stderr, stderr))
+                exit_code: int | None = await proc.wait()
+        except TimeoutError:
+            _kill_group(proc.pid)
+            await proc.wait()
+            exit_code = None
+        except asyncio.CancelledError:
+            _kill_group(proc.pid)
+            raise
+        if exit_code is not None and exit_code < 0:
+            exit_code = 128 - exit_code  # killed by a signal: report it the way a shell would
+        return Completed(
+            exit_code=exit_code,
+            stdout=stdout.value(),
+            stderr=stderr.value(),
+            attempts=1,
+            stdout_dropped=stdout.dropped,
+            stderr_dropped=stderr.dropped,
+        )
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

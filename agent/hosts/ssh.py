@@ -1,0 +1,227 @@
+"""The `ssh` host: commands over asyncssh, on a small pool of persistent connections.
+
+Each connection carries at most MAX_CHANNELS_PER_CONNECTION channels at once (OpenSSH refuses sessions before
+its MaxSessions=10 under load); more concurrency opens another connection, up to the host's budget.
+asyncssh's exceptions are translated here and nowhere else. Only failures before the command started are
+retried: once a channel runs a command, whatever happens next is that request's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import asyncssh
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from agent import constants
+from agent.config import SSHHostConfig
+from agent.errors import AuthFailed, ConnectionLost, HostError, HostKeyMismatch, HostKeyUnknown, HostUnreachable
+from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, captures
+from agent.hosts.known_hosts import trusted_keys
+
+log = structlog.get_logger("podq.ssh")
+
+
+@dataclass(eq=False)
+class _Link:
+    """One SSH connection and how many of its channels are in use."""
+
+    conn: asyncssh.SSHClientConnection
+    busy: int = 0
+    broken: bool = False
+    opened_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken and not self.conn.is_closed()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    at: float
+    error: HostError
+
+
+class SSHHost(Host):
+    kind = "ssh"
+
+    def __init__(self, config: SSHHostConfig) -> None:
+        super().__init__(config.name, str(config.workspace), config.max_concurrency)
+        self.config = config
+        self._links: list[_Link] = []
+        self._lock = asyncio.Lock()
+        self._last_failure: _Failure | None = None
+        self.connects = 0  # connections opened so far (visible in tests and `repr`)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"<SSHHost {self.name} {c.user}@{c.hostname}:{c.port} links={len(self._links)} "
+            f"running={self.running} connects={self.connects}>"
+        )
+
+    async def run(self, invocation: Invocation) -> Completed:
+        attempts = 0
+        retry = self.config.retry
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(retry.attempts),
+            wait=wait_exponential_jitter(initial=retry.initial_s, max=retry.max_s, jitter=retry.initial_s),
+            retry=retry_if_exception_type(HostUnreachable),
+            reraise=True,
+            before_sleep=self._log_retry,
+        )
+        async for attempt in retrying:
+            with attempt:
+                attempts += 1
+                link, process = await self._open_channel(invocation)
+        try:
+            return await self._collect(process, invocation, attempts)
+        finally:
+            link.busy -= 1
+
+    def _log_retry(self, state: object) -> None:
+        outcome = getattr(state, "outcome", None)
+        error = outcome.exception() if outcome is not None else None
+        log.warning("ssh.retry", host=self.name, attempt=getattr(state, "attempt_number", None), error=str(error))
+
+    async def _open_channel(
+        self, invocation: Invocation
+    ) -> tuple[_Link, asyncssh.SSHClientProcess[bytes]]:
+        link = await self._checkout()
+        try:
+            process = await link.conn.create_process(invocation.command_line(), encoding=None)
+        except asyncssh.ChannelOpenError as exc:
+            # The server refused a session (e.g. MaxSessions under load): the command never started.
+            link.busy -= 1
+            raise HostUnreachable(f"{self.name} refused a new SSH channel: {exc.reason}") from exc
+        except (asyncssh.Error, OSError) as exc:
+            link.busy -= 1
+            link.broken = True
+            raise HostUnreachable(
+                f"the SSH connection to {self.name} dropped before the command started: {exc}"
+            ) from exc
+        process.stdin.write_eof()
+        return link, process
+
+    async def _collect(
+        self, process: asyncssh.SSHClientProcess[bytes], invocation: Invocation, attempts: int
+    ) -> Completed:
+        stdout, stderr = captures()
+
+        async def pump(stream: asyncssh.SSHReader[bytes], capture: Capture) -> None:
+            while chunk := await stream.read(65536):
+                capture.feed(chunk)
+
+        try:
+            async with asyncio.timeout(invocation.timeout_s + BACKSTOP_S):
+                await asyncio.gather(pump(process.stdout, stdout), pump(process.stderr, stderr))
+                result = await process.wait()
+            exit_code: int | None = result.exit_status
+            if exit_code is not None and exit_code < 0:
+                exit_code = None  # killed by a signal, or the server sent no status
+        except TimeoutError:
+            process.close()
+            exit_code = None
+        except asyncio.CancelledError:
+            process.close()
+            raise
+        except (asyncssh.Error, OSError) as exc:
+            process.close()
+            raise ConnectionLost(
+                f"the SSH connection to {self.name} dropped while the command ran; it may or may not have "
+                f"completed: {exc}"
+            ) from exc
+        return Completed(
+            exit_code=exit_code,
+            stdout=stdout.value(),
+            stderr=stderr.value(),
+            attempts=attempts,
+            stdout_dropped=stdout.dropped,
+            stderr_dropped=stderr.dropped,
+        )
+
+    async def _checkout(self) -> _Link:
+        """A connection with a free channel: the least busy open one, else a new one."""
+        waited_since = time.monotonic()
+        async with self._lock:
+            self._links = [link for link in self._links if link.usable or link.busy]
+            free = [link for link in self._links if link.usable and link.busy < constants.MAX_CHANNELS_PER_CONNECTION]
+            if free:
+                link = min(free, key=lambda k: k.busy)
+            else:
+                # Requests that queued behind a connect attempt that just failed share its failure,
+                # instead of each trying a dead host in turn.
+                failure = self._last_failure
+                if failure is not None and failure.at >= waited_since:
+                    raise type(failure.error)(failure.error.message)
+                link = await self._connect()
+            link.busy += 1
+            return link
+
+    async def _connect(self) -> _Link:
+        c = self.config
+        target = f"{c.user}@{c.hostname}:{c.port}"
+        try:
+            self._preflight()
+            conn = await asyncssh.connect(
+                c.hostname,
+                c.port,
+                username=c.user,
+                client_keys=[str(c.identity_file)],
+                known_hosts=str(c.known_hosts),
+                agent_path=None,
+                config=[],
+                connect_timeout=c.connect_timeout_s,
+                login_timeout=c.connect_timeout_s,
+                keepalive_interval=constants.KEEPALIVE_INTERVAL_S,
+                keepalive_count_max=constants.KEEPALIVE_COUNT_MAX,
+            )
+        except HostError as exc:
+            self._last_failure = _Failure(time.monotonic(), exc)
+            raise
+        except asyncssh.PermissionDenied as exc:
+            error: HostError = AuthFailed(
+                f"{target} refused the key {c.identity_file}: add its public key to the host's "
+                "~/.ssh/authorized_keys, or fix `identity_file`/`user` in podq.toml"
+            )
+            self._last_failure = _Failure(time.monotonic(), error)
+            raise error from exc
+        except asyncssh.HostKeyNotVerifiable as exc:
+            error = HostKeyMismatch(
+                f"{target} presented a host key that does not match {c.known_hosts}: the pod was replaced, "
+                f"or someone is in the middle. If the change is expected, remove the old entry and run "
+                f"`podq trust {self.name}`"
+            )
+            self._last_failure = _Failure(time.monotonic(), error)
+            raise error from exc
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            detail = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            error = HostUnreachable(f"cannot connect to {target}: {detail}")
+            self._last_failure = _Failure(time.monotonic(), error)
+            raise error from exc
+        self.connects += 1
+        link = _Link(conn)
+        self._links.append(link)
+        log.info("ssh.connected", host=self.name, target=target, links=len(self._links))
+        return link
+
+    def _preflight(self) -> None:
+        """Fail clearly, before any network traffic, on what no retry can fix."""
+        c = self.config
+        if not trusted_keys(c.known_hosts, c.hostname, c.port):
+            raise HostKeyUnknown(
+                f"{c.known_hosts} has no host key for {c.hostname}:{c.port}: run `podq trust {self.name}` to "
+                "see its fingerprint and record it"
+            )
+        if not c.identity_file.exists():
+            raise AuthFailed(f"identity_file {c.identity_file} does not exist: fix `identity_file` in podq.toml")
+
+    async def close(self) -> None:
+        links, self._links = self._links, []
+        for link in links:
+            link.conn.close()
+        for link in links:
+            await link.conn.wait_closed()

@@ -1,0 +1,248 @@
+"""The request contract: one JSON object per line of requests.jsonl, validated into typed requests.
+
+The models here are public (`podq schema` prints them for AI assistants): fields are only ever added.
+`parse_line` turns raw bytes into a request or a `RequestError` with the stable code a `rejected` line carries.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+import orjson
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
+
+from agent import constants
+from agent.config import HOST_NAME_PATTERN
+from agent.errors import ErrorCode, NotAllowed, RequestError
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+# Paths are quoted wherever they go, but a path is also a name a person reads and a shell may meet later:
+# podq accepts the characters file names in a render pipeline use, and refuses the rest outright.
+_PATH_CHARS = re.compile(r"^[A-Za-z0-9 ._,+=@/-]*$")
+
+
+def _workspace_path(value: str) -> str:
+    if len(value) > constants.MAX_PATH_LENGTH:
+        raise PydanticCustomError("not_allowed", "path is longer than {limit} characters",
+                                  {"limit": constants.MAX_PATH_LENGTH})
+    if not value:
+        raise PydanticCustomError("not_allowed", "path is empty: use '.' for the workspace itself")
+    if not _PATH_CHARS.fullmatch(value):
+        bad = "".join(sorted({c for c in value if not _PATH_CHARS.fullmatch(c)}))
+        raise PydanticCustomError(
+            "not_allowed",
+            "path contains characters podq does not allow ({bad}); allowed are letters, digits, "
+            "space and . _ , + = @ / -",
+            {"bad": repr(bad)},
+        )
+    if ".." in value.split("/"):
+        raise PydanticCustomError(
+            "not_allowed", "path contains '..': paths must stay inside the host's workspace"
+        )
+    return value
+
+
+WorkspacePath = Annotated[
+    str,
+    AfterValidator(_workspace_path),
+    Field(description="A path relative to the host's workspace (or absolute inside it); '..' is refused."),
+]
+
+
+class _RequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    # Per-type default for `timeout_s`; every command is bounded.
+    default_timeout_s: ClassVar[float] = 60.0
+
+    id: str | None = Field(
+        None,
+        pattern=ID_PATTERN,
+        description="Unique request id (letters, digits, . _ : -; at most 128). Assigned by podq when absent.",
+    )
+    host: str | None = Field(
+        None, pattern=HOST_NAME_PATTERN, description="Host name from podq.toml; optional with one host."
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, le=24 * 3600, description="Seconds before the command is stopped (`timed_out`)."
+    )
+    meta: dict[str, Any] | None = Field(
+        None, description="Any JSON object; echoed back unchanged in every result line of this request."
+    )
+
+    @property
+    def effective_timeout_s(self) -> float:
+        return self.timeout_s if self.timeout_s is not None else self.default_timeout_s
+
+
+class PingRequest(_RequestBase):
+    """Check the host: reports uname, free disk in the workspace, Blender's version and GPUs if any."""
+
+    type: Literal["ping"]
+    default_timeout_s: ClassVar[float] = 30.0
+
+
+class LsRequest(_RequestBase):
+    """List a folder (or describe one file) under the workspace."""
+
+    type: Literal["ls"]
+    path: WorkspacePath = "."
+    default_timeout_s: ClassVar[float] = 30.0
+
+
+class DfRequest(_RequestBase):
+    """Disk usage of the filesystem holding `path` (default: the workspace)."""
+
+    type: Literal["df"]
+    path: WorkspacePath = "."
+    default_timeout_s: ClassVar[float] = 30.0
+
+
+class GpuRequest(_RequestBase):
+    """GPUs on the host from nvidia-smi, as JSON; `available: false` where the host has none."""
+
+    type: Literal["gpu"]
+    default_timeout_s: ClassVar[float] = 30.0
+
+
+class TailLogRequest(_RequestBase):
+    """The last `lines` lines of a file under the workspace."""
+
+    type: Literal["tail_log"]
+    path: WorkspacePath
+    lines: int = Field(50, ge=1, le=1000)
+    default_timeout_s: ClassVar[float] = 30.0
+
+
+Request = Annotated[
+    PingRequest | LsRequest | DfRequest | GpuRequest | TailLogRequest,
+    Field(discriminator="type"),
+]
+REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
+REQUEST_TYPES: tuple[str, ...] = ("ping", "ls", "df", "gpu", "tail_log")
+
+
+def request_schema() -> dict[str, Any]:
+    schema = REQUEST_ADAPTER.json_schema()
+    schema["title"] = "podq request"
+    schema["description"] = (
+        "One JSON object per line of queue/requests.jsonl. `type` selects the command; unknown fields are "
+        "rejected. Results are appended to queue/results.jsonl."
+    )
+    return schema
+
+
+def new_request_id() -> str:
+    """A fresh id for `podq submit`: sortable by time, unique without coordination."""
+    return f"r-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def auto_id(generation: int, line_offset: int) -> str:
+    """The id podq gives a line without one: stable across restarts because the line's place is."""
+    return f"auto-{generation}-{line_offset}"
+
+
+def readable_id(data: object) -> str | None:
+    """The line's id when it has a well-formed one, for the `rejected` line of a request that failed."""
+    if isinstance(data, dict):
+        value = data.get("id")
+        if isinstance(value, str) and re.fullmatch(ID_PATTERN, value):
+            return value
+    return None
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    """Bytes of one line to a JSON object, or RequestError (invalid_json / invalid_request)."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(
+                "the line is not valid UTF-8: write requests as UTF-8 JSON", code=ErrorCode.INVALID_JSON
+            ) from None
+        raise RequestError(
+            f"the line is not valid JSON ({exc.msg} at character {exc.pos}): write one JSON object per line",
+            code=ErrorCode.INVALID_JSON,
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestError(
+            f"a request must be a JSON object, not a JSON {_json_kind(data)}: e.g. "
+            '{"type": "ping"}',
+            code=ErrorCode.INVALID_REQUEST,
+        )
+    return data
+
+
+def validate(data: dict[str, Any]) -> Request:
+    """A decoded object to a typed request, or RequestError with the code and a how-to-fix message."""
+    kind = data.get("type")
+    if kind is None:
+        raise RequestError(
+            f"the request has no `type`: add one of {', '.join(REQUEST_TYPES)}", code=ErrorCode.INVALID_REQUEST
+        )
+    if not isinstance(kind, str) or kind not in REQUEST_TYPES:
+        raise RequestError(
+            f"unknown request type {kind!r}: use one of {', '.join(REQUEST_TYPES)} (`podq schema` lists "
+            "their fields)",
+            code=ErrorCode.UNKNOWN_TYPE,
+        )
+    try:
+        return REQUEST_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise _from_validation_error(kind, exc) from None
+
+
+def parse_line(line: bytes) -> Request:
+    return validate(decode_line(line))
+
+
+_PATTERN_HINTS = {
+    "id": "use 1-128 letters, digits or . _ : - (starting with a letter or digit)",
+    "host": "use a host name from podq.toml (letters, digits, . _ -)",
+}
+
+
+def _from_validation_error(kind: str, exc: ValidationError) -> RequestError:
+    problems = []
+    not_allowed = False
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        if loc and loc[0] == kind:  # the discriminated union puts the tag first
+            loc = loc[1:]
+        field = ".".join(loc) or "(request)"
+        if err["type"] == "not_allowed":
+            not_allowed = True
+        if err["type"] == "extra_forbidden":
+            problems.append(f"`{field}` is not a field of `{kind}` requests: remove it (`podq schema` lists fields)")
+        elif err["type"] == "string_pattern_mismatch" and field in _PATTERN_HINTS:
+            problems.append(f"`{field}`: {_PATTERN_HINTS[field]}")
+        elif err["type"] == "missing":
+            problems.append(f"`{field}` is required for `{kind}` requests")
+        else:
+            problems.append(f"`{field}`: {err['msg']}")
+    message = "; ".join(problems)
+    if not_allowed:
+        return NotAllowed(message)
+    return RequestError(message, code=ErrorCode.INVALID_REQUEST)
+
+
+def _json_kind(value: object) -> str:
+    match value:
+        case list():
+            return "array"
+        case str():
+            return "string"
+        case bool():
+            return "boolean"
+        case int() | float():
+            return "number"
+        case None:
+            return "null"
+    return type(value).__name__

@@ -1,0 +1,58 @@
+"""The filesystem-watcher seam: watchdog (inotify on Linux) tells podq when queue files change."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, names: frozenset[str], callback: Callable[[], None]) -> None:
+        self._names = names
+        self._callback = callback
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # Appends are `modified`; rotation shows as `moved`/`created`/`deleted` on either path.
+        paths = (event.src_path, getattr(event, "dest_path", "") or "")
+        if any(Path(str(p)).name in self._names for p in paths if p):
+            self._callback()
+
+
+class FileWatcher:
+    """Calls `callback` (from watchdog's thread) whenever one of `names` in `directory` changes."""
+
+    def __init__(self, directory: Path, names: set[str], callback: Callable[[], None]) -> None:
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_Handler(frozenset(names), callback), str(directory), recursive=False)
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
+
+
+class ChangeSignal:
+    """A FileWatcher for synchronous callers (the CLI): `wait()` returns once the file changed."""
+
+    def __init__(self, directory: Path, names: set[str]) -> None:
+        self._event = threading.Event()
+        self._watcher = FileWatcher(directory, names, self._event.set)
+
+    def __enter__(self) -> ChangeSignal:
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._watcher.stop()
+
+    def wait(self, timeout: float) -> bool:
+        changed = self._event.wait(timeout)
+        self._event.clear()
+        return changed
