@@ -116,6 +116,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._wake = asyncio.Event()
+        # Set once the queue is locked and recovery is done: from here on, appended lines are served.
+        self.ready = threading.Event()
         self.accepted = 0
         self.rejected = 0
         self.finished = 0
@@ -165,6 +167,7 @@ class Daemon:
                 )
                 log.info("daemon.started", queue=str(self.queue_dir), hosts=list(self.hosts), pid=os.getpid())
                 self._recover()
+                self.ready.set()
                 await self._serve(stop)
                 await self._drain()
             finally:
@@ -475,7 +478,7 @@ class BackgroundDaemon:
         self.daemon = Daemon(config)
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
+        self._finished = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="podq-daemon", daemon=True)
 
@@ -484,20 +487,23 @@ class BackgroundDaemon:
 
         async def main() -> None:
             self._stop = asyncio.Event()
-            self._ready.set()
             await self.daemon.async_run(self._stop)
 
         try:
             self._loop.run_until_complete(main())
-        except BaseException as exc:  # surfaced by stop()
+        except BaseException as exc:  # surfaced by __enter__ or stop()
             self._error = exc
-            self._ready.set()
         finally:
             self._loop.close()
+            self._finished.set()
 
     def __enter__(self) -> BackgroundDaemon:
         self._thread.start()
-        self._ready.wait()
+        while not self.daemon.ready.wait(0.01):
+            if self._finished.is_set():
+                self._thread.join()
+                assert self._error is not None
+                raise self._error
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+
+
+class _StopRaceFilter(logging.Filter):
+    """watchdog logs an error when an event races the observer's stop; nothing is lost, so drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
 
 
 class _Handler(FileSystemEventHandler):

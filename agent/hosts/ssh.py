@@ -55,6 +55,7 @@ class SSHHost(Host):
         self._lock = asyncio.Lock()
         self._last_failure: _Failure | None = None
         self.connects = 0  # connections opened so far (visible in tests and `repr`)
+        self.peak_channels = 0  # most channels seen open at once on one connection
 
     def __repr__(self) -> str:
         c = self.config
@@ -68,15 +69,19 @@ class SSHHost(Host):
         retry = self.config.retry
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retry.attempts),
-            wait=wait_exponential_jitter(initial=retry.initial_s, max=retry.max_s, jitter=retry.initial_s),
+            wait=wait_exponential_jitter(multiplier=retry.initial_s, max=retry.max_s, jitter=retry.initial_s),
             retry=retry_if_exception_type(HostUnreachable),
             reraise=True,
             before_sleep=self._log_retry,
         )
-        async for attempt in retrying:
-            with attempt:
-                attempts += 1
-                link, process = await self._open_channel(invocation)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    link, process = await self._open_channel(invocation)
+        except HostError as exc:
+            exc.attempts = attempts
+            raise
         try:
             return await self._collect(process, invocation, attempts)
         finally:
@@ -159,6 +164,7 @@ class SSHHost(Host):
                     raise type(failure.error)(failure.error.message)
                 link = await self._connect()
             link.busy += 1
+            self.peak_channels = max(self.peak_channels, link.busy)
             return link
 
     async def _connect(self) -> _Link:
