@@ -19,6 +19,9 @@ from agent.results import ResultLine, parse_result_line
 
 log = structlog.get_logger("podq.journal")
 
+# How many bytes before the read offset are remembered to notice a truncate-and-rewrite.
+_TAIL_BYTES = 64
+
 
 @dataclass(frozen=True)
 class RawLine:
@@ -36,6 +39,9 @@ class RequestsReader:
         self.offset = offset
         self._fd: int | None = None
         self._identity = (dev, ino)
+        # The last bytes before `offset` as they were read: if they change, the file was truncated and written
+        # again past our offset before we noticed, which its size alone cannot tell.
+        self._tail = b""
 
     @property
     def dev(self) -> int:
@@ -77,6 +83,7 @@ class RequestsReader:
     def _restart(self) -> None:
         self.generation += 1
         self.offset = 0
+        self._tail = b""
 
     def _switch_if_rotated(self) -> bool:
         """After reading to the end: if the path now names another file, or ours shrank, start over."""
@@ -90,14 +97,23 @@ class RequestsReader:
             self.close()
             self._open(first=False)
             return True
-        if os.fstat(self._fd).st_size < self.offset:
+        if os.fstat(self._fd).st_size < self.offset or not self._tail_intact():
             log.warning("queue.truncated", path=str(self.path), offset=self.offset, generation=self.generation + 1)
             self._restart()
             return True
         return False
 
+    def _tail_intact(self) -> bool:
+        assert self._fd is not None
+        if not self._tail:
+            return True
+        return os.pread(self._fd, len(self._tail), self.offset - len(self._tail)) == self._tail
+
     def _complete_lines(self) -> Iterator[RawLine]:
         assert self._fd is not None
+        if not self._tail_intact():
+            log.warning("queue.truncated", path=str(self.path), offset=self.offset, generation=self.generation + 1)
+            self._restart()
         pending = bytearray()
         start = self.offset
         pos = self.offset
@@ -116,6 +132,7 @@ class RequestsReader:
                     data = bytes(pending) if len(pending) <= constants.MAX_LINE_BYTES else None
                 end = pos - len(chunk) + nl + 1
                 self.offset = end
+                self._tail = (data or b"")[-(_TAIL_BYTES - 1):] + b"\n"
                 yield RawLine(start, end, data)
                 pending.clear()
                 skipping = False

@@ -22,7 +22,7 @@ from agent.state import StateStore
 from agent.watch import ChangeSignal
 
 # Followers re-read the file at least this often even without a change notice (inotify can overflow).
-_FOLLOW_BACKSTOP_S = 1.0
+_FOLLOW_BACKSTOP_S = 0.5
 
 
 def append_line(path: Path, data: dict[str, Any]) -> None:
@@ -102,9 +102,9 @@ def follow(
                 if until(line):
                     return
             waited = time.monotonic() - started
-            if timeout_s is not None and waited >= timeout_s:
-                raise TimeoutError(f"no terminal result within {timeout_s:g} s")
             if on_idle is not None:
                 on_idle(waited)
+            if timeout_s is not None and waited >= timeout_s:
+                raise TimeoutError(f"no terminal result within {timeout_s:g} s")
             remaining = _FOLLOW_BACKSTOP_S if timeout_s is None else min(_FOLLOW_BACKSTOP_S, timeout_s - waited)
             changed.wait(max(remaining, 0.0))

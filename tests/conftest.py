@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ import orjson
 import pytest
 
 from agent import config as config_mod
+from agent import logs
 from agent.config import Config
 from agent.daemon import BackgroundDaemon
 from agent.journal import result_lines
@@ -19,6 +21,12 @@ from tests.sshd import SSHServer, start_sshd
 
 # Connection retries in tests: real back-off, but short.
 FAST_RETRY = "{ attempts = 3, initial_s = 0.05, max_s = 0.2 }"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    """Daemon logs go to stderr through stdlib logging (pytest shows them on failure), never to stdout."""
+    logs.configure(None, console_level=logging.INFO)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def ssh_config(sshd: SSHServer, make_config: Callable[..., Config]) -> Config:
 def test_each_command_type_succeeds_over_ssh(sshd: SSHServer, ssh_config: Config) -> None:
     (sshd.workspace / "logs").mkdir(exist_ok=True)
     (sshd.workspace / "logs" / "pod.log").write_text("alpha\nbeta\ngamma\n")
-    with BackgroundDaemon(ssh_config) as bg:
+    with BackgroundDaemon(ssh_config):
         for rid, request in {
             "p": {"type": "ping"},
             "l": {"type": "ls", "path": "logs"},
