@@ -25,6 +25,18 @@ def redact(_: Any, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record is emitted (test runners and daemons swap it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def configure(log_file: Path | None, *, console_level: int = logging.INFO, json_console: bool = False) -> None:
     """Route structlog through stdlib logging to the console (human) and `log_file` (JSON lines)."""
     shared: list[Processor] = [
@@ -46,7 +58,7 @@ def configure(log_file: Path | None, *, console_level: int = logging.INFO, json_
         handler.close()
     root.setLevel(logging.DEBUG)
 
-    console = logging.StreamHandler(sys.stderr)
+    console = _CurrentStderr()
     console.setLevel(console_level)
     console_renderer: Processor = (
         structlog.processors.JSONRenderer()

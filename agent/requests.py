@@ -28,21 +28,21 @@ _PATH_CHARS = re.compile(r"^[A-Za-z0-9 ._,+=@/-]*$")
 
 def _workspace_path(value: str) -> str:
     if len(value) > constants.MAX_PATH_LENGTH:
-        raise PydanticCustomError("not_allowed", "path is longer than {limit} characters",
+        raise PydanticCustomError("not_allowed", "is longer than {limit} characters",
                                   {"limit": constants.MAX_PATH_LENGTH})
     if not value:
-        raise PydanticCustomError("not_allowed", "path is empty: use '.' for the workspace itself")
+        raise PydanticCustomError("not_allowed", "is empty: use '.' for the workspace itself")
     if not _PATH_CHARS.fullmatch(value):
         bad = "".join(sorted({c for c in value if not _PATH_CHARS.fullmatch(c)}))
         raise PydanticCustomError(
             "not_allowed",
-            "path contains characters podq does not allow ({bad}); allowed are letters, digits, "
+            "contains characters podq does not allow ({bad}); allowed are letters, digits, "
             "space and . _ , + = @ / -",
             {"bad": repr(bad)},
         )
     if ".." in value.split("/"):
         raise PydanticCustomError(
-            "not_allowed", "path contains '..': paths must stay inside the host's workspace"
+            "not_allowed", "contains '..': paths must stay inside the host's workspace"
         )
     return value
 
