@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.commands import plan
+from agent.blender.scripts import ScriptLibrary
+from agent.commands import Target, plan
 from agent.config import Config, LocalHostConfig, SSHHostConfig
 from agent.errors import ErrorCode, RequestError
 from agent.hosts.base import Invocation
@@ -36,9 +37,14 @@ def resolve_host(config: Config, name: str | None) -> SSHHostConfig | LocalHostC
     raise RequestError(f"host {name!r} is not in podq.toml: use one of {known}", code=ErrorCode.HOST_UNKNOWN)
 
 
+def target_for(config: Config, host: SSHHostConfig | LocalHostConfig) -> Target:
+    return Target(workspace=str(host.workspace), blender=config.blender_binary(host),
+                  scripts=ScriptLibrary(config.scripts_dir))
+
+
 def admit(config: Config, data: dict[str, Any]) -> Admitted:
     """Validate, resolve the host and build the argv; raises RequestError with the rejection's code."""
     request = validate(data)
     host = resolve_host(config, request.host)
     request = request.model_copy(update={"host": host.name})
-    return Admitted(request, host, plan(request, str(host.workspace)))
+    return Admitted(request, host, plan(request, target_for(config, host)))

@@ -17,6 +17,8 @@ from agent import constants
 from agent.errors import ConfigError
 
 CONFIG_FILENAME = "podq.toml"
+# The Blender scripts that come with podq (the repository's top-level blender_scripts/).
+SHIPPED_SCRIPTS = Path(__file__).resolve().parent.parent / "blender_scripts"
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -38,6 +40,8 @@ class _HostBase(_Strict):
     max_concurrency: int = Field(
         constants.MAX_CHANNELS_PER_CONNECTION * constants.DEFAULT_MAX_CONNECTIONS, ge=1, le=256
     )
+    # The Blender binary on this host; None: `[blender] binary`.
+    blender_binary: str | None = Field(None, min_length=1)
 
 
 class SSHHostConfig(_HostBase):
@@ -81,9 +85,21 @@ class DaemonSettings(_Strict):
     shutdown_grace_s: float = Field(constants.DEFAULT_SHUTDOWN_GRACE_S, ge=0)
 
 
+class BlenderSettings(_Strict):
+    binary: str = Field("blender", min_length=1)
+    # None: `blender_scripts/` beside the config file when it exists, else the scripts shipped with podq.
+    scripts_dir: Path | None = None
+
+
+class ArtifactsSettings(_Strict):
+    dir: Path = Path("artifacts")  # downloads land in <dir>/<request id>/
+
+
 class Config(_Strict):
     queue: QueueSettings = QueueSettings()
     daemon: DaemonSettings = DaemonSettings()
+    blender: BlenderSettings = BlenderSettings()
+    artifacts: ArtifactsSettings = ArtifactsSettings()
     hosts: list[HostConfig] = Field(min_length=1)
     # Where the file was read from (None for the embedded default); set by `load`, not by the file.
     source: Path | None = Field(None, exclude=True)
@@ -106,6 +122,15 @@ class Config(_Strict):
     def host_names(self) -> list[str]:
         return [h.name for h in self.hosts]
 
+    def blender_binary(self, host: SSHHostConfig | LocalHostConfig) -> str:
+        return host.blender_binary or self.blender.binary
+
+    @property
+    def scripts_dir(self) -> Path:
+        """The local folder of Blender scripts (the allowlist for `blender_render`)."""
+        assert self.blender.scripts_dir is not None, "set by load()"
+        return self.blender.scripts_dir
+
     @property
     def requests_path(self) -> Path:
         return self.queue.dir / "requests.jsonl"
@@ -125,6 +150,13 @@ dir = "queue"                 # requests.jsonl, results.jsonl and podq's state l
 [daemon]
 shutdown_grace_s = 10         # on SIGINT/SIGTERM, how long running commands get to finish
 
+[blender]
+binary = "blender"            # per host: `blender_binary = "/opt/blender/blender"` in its [[hosts]] entry
+# scripts_dir = "blender_scripts"   # default: blender_scripts/ beside this file, else the scripts shipped with podq
+
+[artifacts]
+dir = "artifacts"             # files fetched from hosts land in artifacts/<request id>/
+
 # The embedded default: run commands on this machine, inside ./workspace. Needs no pod.
 [[hosts]]
 name = "local"
@@ -143,6 +175,7 @@ workspace = "workspace"       # every path in a request is relative to this and 
 # known_hosts = "~/.ssh/known_hosts"   # host keys are verified against this; never silently accepted
 # workspace = "/workspace"
 # max_concurrency = 8                  # commands at once; 4 SSH channels per connection, more connections above that
+# blender_binary = "/opt/blender/blender"
 # connect_timeout_s = 10
 # retry = { attempts = 4, initial_s = 0.5, max_s = 8 }   # connection-level failures only
 """
@@ -163,7 +196,19 @@ def _resolve(config: Config, base: Path) -> Config:
             )
         else:
             hosts.append(h.model_copy(update={"workspace": local(h.workspace)}))
-    return config.model_copy(update={"queue": QueueSettings(dir=local(config.queue.dir)), "hosts": hosts})
+    scripts = config.blender.scripts_dir
+    if scripts is not None:
+        scripts = local(scripts)
+    elif (base / "blender_scripts").is_dir():
+        scripts = base / "blender_scripts"
+    else:
+        scripts = SHIPPED_SCRIPTS
+    return config.model_copy(update={
+        "queue": QueueSettings(dir=local(config.queue.dir)),
+        "hosts": hosts,
+        "blender": config.blender.model_copy(update={"scripts_dir": scripts}),
+        "artifacts": ArtifactsSettings(dir=local(config.artifacts.dir)),
+    })
 
 
 def parse(text: str, *, base: Path, source: Path | None) -> Config:

@@ -20,11 +20,12 @@ import orjson
 import structlog
 
 from agent import constants
-from agent.admission import admit, resolve_host
-from agent.commands import command_for, plan
+from agent.admission import admit, resolve_host, target_for
+from agent.blender.scripts import ScriptLibrary
+from agent.commands import ExecContext, Outcome, command_for, plan
 from agent.commands.base import text
 from agent.config import Config
-from agent.errors import ErrorCode, HostError, QueueBusy, RequestError
+from agent.errors import ErrorCode, PodqError, QueueBusy, RequestError
 from agent.hosts import Host, Invocation, make_host
 from agent.hosts.base import Completed
 from agent.journal import RawLine, RequestsReader, ResultsJournal, result_lines
@@ -303,15 +304,21 @@ class Daemon:
         task.add_done_callback(done)
 
     async def _execute(self, job: Job) -> None:
+        command = command_for(job.request)
+        ctx = ExecContext(
+            host=job.host, request_id=job.id, progress=lambda data: self._progress(job, data),
+            artifacts_dir=self.config.artifacts.dir, scripts=ScriptLibrary(self.config.scripts_dir),
+            job_output=self.state.output_of,
+        )
         async with job.host.slot():
             if self._stopping:
                 return  # never started: it stays `accepted` and runs on the next start
             self._write(job.seq, job.line(Event.STARTED))
             started = time.monotonic()
             try:
-                completed = await job.host.run(job.invocation)
-            except HostError as exc:
-                self._finish(job, Event.FAILED, started, attempts=exc.attempts,
+                completed, outcome = await command.execute(job.request, job.invocation, ctx)
+            except PodqError as exc:
+                self._finish(job, Event.FAILED, started, attempts=getattr(exc, "attempts", 1),
                              error=ErrorInfo(code=exc.code, message=exc.message))
                 return
             except asyncio.CancelledError:
@@ -325,7 +332,7 @@ class Daemon:
                 self._internal_error(job, started, exc)
                 return
             try:
-                self._finish_completed(job, completed, started)
+                self._finish_completed(job, completed, outcome, started)
             except Exception as exc:
                 self._internal_error(job, started, exc)
 
@@ -336,7 +343,11 @@ class Daemon:
             code=ErrorCode.INTERNAL, message=f"podq failed internally ({exc!r}); see {LOG_FILE}",
         ))
 
-    def _finish_completed(self, job: Job, completed: Completed, started: float) -> None:
+    def _progress(self, job: Job, data: dict[str, Any]) -> None:
+        # Progress lines are informational: not committed to state, never replayed after a crash.
+        self.journal.append(job.line(Event.PROGRESS, progress=data))
+
+    def _finish_completed(self, job: Job, completed: Completed, outcome: Outcome, started: float) -> None:
         duration = time.monotonic() - started
         timeout_s = job.invocation.timeout_s
         common: dict[str, Any] = {"exit_code": completed.exit_code, "attempts": completed.attempts}
@@ -344,7 +355,7 @@ class Daemon:
             completed.timed_out and duration >= timeout_s * 0.98
         ):
             self._finish(job, Event.TIMED_OUT, started, **common, **_streams(completed, keep_stdout=True),
-                         error=ErrorInfo(code=ErrorCode.TIMEOUT, message=(
+                         output=outcome.output, error=ErrorInfo(code=ErrorCode.TIMEOUT, message=(
                              f"the command ran longer than its timeout_s of {timeout_s:g} s and was stopped: "
                              "raise `timeout_s` in the request if it needs longer")))
             return
@@ -353,7 +364,6 @@ class Daemon:
                          error=ErrorInfo(code=ErrorCode.NONZERO_EXIT,
                                          message="the command was killed by a signal before it exited"))
             return
-        outcome = command_for(job.request).interpret(job.request, completed)
         if outcome.error_code is not None:
             self._finish(job, Event.FAILED, started, **common, **_streams(completed, keep_stdout=True),
                          output=outcome.output,
@@ -365,7 +375,9 @@ class Daemon:
     def _finish(self, job: Job, event: Event, started: float, **fields: Any) -> None:
         duration = round(time.monotonic() - started, 3)
         fields.setdefault("attempts", 1)
-        self._write(job.seq, job.line(event, duration_s=duration, **fields), duration_s=duration)
+        output = fields.get("output")
+        self._write(job.seq, job.line(event, duration_s=duration, **fields), duration_s=duration,
+                    output=orjson.dumps(output) if output is not None else None)
         self.finished += 1
         error = fields.get("error")
         log.info("request.finished", id=job.id, type=job.request.type, host=job.host.name, outcome=event.value,
@@ -373,10 +385,12 @@ class Daemon:
 
     # -- the journal ----------------------------------------------------------------------------------------
 
-    def _write(self, seq: int, line: ResultLine, *, duration_s: float | None = None) -> None:
+    def _write(
+        self, seq: int, line: ResultLine, *, duration_s: float | None = None, output: bytes | None = None
+    ) -> None:
         """Append the line, then commit that it is there (the order recovery relies on)."""
         end = self.journal.append(line)
-        self.state.mark(seq, line.event.value, results_offset=end, duration_s=duration_s)
+        self.state.mark(seq, line.event.value, results_offset=end, duration_s=duration_s, output=output)
 
     def _recover(self) -> None:
         """Bring state up to what results.jsonl shows, then finish what a crash or stop left open."""
@@ -411,8 +425,9 @@ class Daemon:
         assert row.request is not None
         try:
             request = REQUEST_ADAPTER.validate_json(row.request)
-            host = self.hosts[resolve_host(self.config, request.host).name]
-            job = Job(row.seq, request, host, plan(request, host.workspace), _meta(row))
+            host_config = resolve_host(self.config, request.host)
+            host = self.hosts[host_config.name]
+            job = Job(row.seq, request, host, plan(request, target_for(self.config, host_config)), _meta(row))
         except RequestError as exc:
             # The config changed under it (e.g. its host is gone): it can no longer run.
             if row.state == RECEIVED:

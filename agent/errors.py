@@ -13,7 +13,8 @@ scripts branch on them, so a code once published is never renamed.
         ├── AuthFailed          the server refused our key: never retried
         ├── HostKeyUnknown      no known_hosts entry for the host: run `podq trust HOST`
         ├── HostKeyMismatch     the server's key differs from known_hosts: never retried
-        └── ConnectionLost      the link dropped while a command ran: not retried (it may have run)
+        ├── ConnectionLost      the link dropped while a command ran: not retried (it may have run)
+        └── TransferFailed      an SFTP upload or download failed (e.g. no such file, disk full)
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class ErrorCode(StrEnum):
     HOST_KEY_MISMATCH = "host_key_mismatch"
     CONNECTION_LOST = "connection_lost"
     WORKSPACE_MISSING = "workspace_missing"
+    TRANSFER_FAILED = "transfer_failed"
+    NOT_FOUND = "not_found"
+    NO_GPU = "no_gpu"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
     TIMEOUT = "timeout"
     NONZERO_EXIT = "nonzero_exit"
     INTERRUPTED = "interrupted"
@@ -92,3 +97,7 @@ class HostKeyMismatch(HostError):
 
 class ConnectionLost(HostError):
     code = ErrorCode.CONNECTION_LOST
+
+
+class TransferFailed(HostError):
+    code = ErrorCode.TRANSFER_FAILED

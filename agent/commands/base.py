@@ -6,12 +6,14 @@ Building is separate from running (as in Flamenco), so tests assert the exact ar
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
 
+from agent.blender.scripts import ScriptLibrary
 from agent.errors import ErrorCode, NotAllowed
-from agent.hosts.base import Completed, Invocation
+from agent.hosts.base import Completed, Host, Invocation
 
 R = TypeVar("R")
 
@@ -70,20 +72,47 @@ class Outcome:
     keep_stdout: bool = True  # False when `output` already carries everything stdout had
 
 
+@dataclass(frozen=True)
+class Target:
+    """What planning a command needs to know of the host it will run on."""
+
+    workspace: str
+    blender: str = "blender"
+    scripts: ScriptLibrary | None = None
+
+
+@dataclass
+class ExecContext:
+    """What running a command may use besides its host: progress reporting, the local artifacts folder,
+    the scripts folder, and earlier jobs' outputs."""
+
+    host: Host
+    request_id: str
+    progress: Callable[[dict[str, Any]], None]
+    artifacts_dir: Path
+    scripts: ScriptLibrary
+    job_output: Callable[[str], dict[str, Any] | None]
+
+
 class CommandType(ABC, Generic[R]):
     """One request type's behaviour on a host."""
 
     name: ClassVar[str]
 
     @abstractmethod
-    def plan(self, request: R, workspace: str) -> Invocation:
-        """The argv to run. Raises NotAllowed for what only the host's workspace can decide."""
+    def plan(self, request: R, target: Target) -> Invocation:
+        """The argv to run. Raises RequestError (e.g. NotAllowed) for what only the target can decide."""
 
     def interpret(self, request: R, completed: Completed) -> Outcome:
         """Read a finished command. The default: exit 0 succeeds with no structured output."""
         if completed.exit_code == 0:
             return Outcome()
         return nonzero(completed)
+
+    async def execute(self, request: R, invocation: Invocation, ctx: ExecContext) -> tuple[Completed, Outcome]:
+        """Run on the host and read the result. Types with more to do (sync, downloads) override this."""
+        completed = await ctx.host.run(invocation)
+        return completed, self.interpret(request, completed)
 
 
 def text(data: bytes) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.commands.base import PATH_PLACEHOLDER, CommandType, Outcome, guarded, nonzero, text
+from agent.commands.base import PATH_PLACEHOLDER, CommandType, Outcome, Target, guarded, nonzero, text
 from agent.hosts.base import Completed, Invocation
 from agent.requests import DfRequest, GpuRequest, LsRequest, PingRequest, TailLogRequest
 
@@ -30,10 +30,11 @@ SECTION = "@@podq "
 
 # One round trip for the whole health check; each section is optional on the host.
 PING_SCRIPT = f"""\
-ws=$1
+ws=$1 blender=$2
 echo '{SECTION}uname'; uname -snrm
 echo '{SECTION}disk'; df -Pk -- "$ws" 2>/dev/null | tail -n 1
-echo '{SECTION}blender'; command -v blender >/dev/null 2>&1 && blender --version 2>/dev/null | grep -m 1 '^Blender'
+echo '{SECTION}blender'; command -v "$blender" >/dev/null 2>&1 &&
+  "$blender" --version 2>/dev/null | grep -m 1 '^Blender'
 echo '{SECTION}gpus'; command -v nvidia-smi >/dev/null 2>&1 && {" ".join(GPU_QUERY)} 2>/dev/null
 exit 0
 """
@@ -99,8 +100,9 @@ def parse_df_line(line: str) -> dict[str, Any] | None:
 class Ping(CommandType[PingRequest]):
     name = "ping"
 
-    def plan(self, request: PingRequest, workspace: str) -> Invocation:
-        return Invocation(("sh", "-c", PING_SCRIPT, "podq-ping", workspace), request.effective_timeout_s)
+    def plan(self, request: PingRequest, target: Target) -> Invocation:
+        argv = ("sh", "-c", PING_SCRIPT, "podq-ping", target.workspace, target.blender)
+        return Invocation(argv, request.effective_timeout_s)
 
     def interpret(self, request: PingRequest, completed: Completed) -> Outcome:
         if completed.exit_code != 0:
@@ -123,11 +125,11 @@ class Ping(CommandType[PingRequest]):
 class Ls(CommandType[LsRequest]):
     name = "ls"
 
-    def plan(self, request: LsRequest, workspace: str) -> Invocation:
+    def plan(self, request: LsRequest, target: Target) -> Invocation:
         # find's -printf gives type, size, mtime and name without parsing ls; NUL ends each entry, so any
         # name (newlines included) survives.
         argv = guarded(
-            workspace, request.path,
+            target.workspace, request.path,
             "find", PATH_PLACEHOLDER, "-maxdepth", "1", "-printf", r"%d\t%y\t%s\t%T@\t%f\0",
         )
         return Invocation(argv, request.effective_timeout_s)
@@ -168,8 +170,9 @@ _KINDS = {"f": "file", "d": "dir", "l": "symlink"}
 class Df(CommandType[DfRequest]):
     name = "df"
 
-    def plan(self, request: DfRequest, workspace: str) -> Invocation:
-        return Invocation(guarded(workspace, request.path, "df", "-Pk", PATH_PLACEHOLDER), request.effective_timeout_s)
+    def plan(self, request: DfRequest, target: Target) -> Invocation:
+        argv = guarded(target.workspace, request.path, "df", "-Pk", PATH_PLACEHOLDER)
+        return Invocation(argv, request.effective_timeout_s)
 
     def interpret(self, request: DfRequest, completed: Completed) -> Outcome:
         if completed.exit_code != 0:
@@ -182,7 +185,7 @@ class Df(CommandType[DfRequest]):
 class Gpu(CommandType[GpuRequest]):
     name = "gpu"
 
-    def plan(self, request: GpuRequest, workspace: str) -> Invocation:
+    def plan(self, request: GpuRequest, target: Target) -> Invocation:
         return Invocation(("sh", "-c", GPU_SCRIPT, "podq-gpu"), request.effective_timeout_s)
 
     def interpret(self, request: GpuRequest, completed: Completed) -> Outcome:
@@ -213,8 +216,8 @@ class Gpu(CommandType[GpuRequest]):
 class TailLog(CommandType[TailLogRequest]):
     name = "tail_log"
 
-    def plan(self, request: TailLogRequest, workspace: str) -> Invocation:
-        argv = guarded(workspace, request.path, "tail", "-n", str(request.lines), "--", PATH_PLACEHOLDER)
+    def plan(self, request: TailLogRequest, target: Target) -> Invocation:
+        argv = guarded(target.workspace, request.path, "tail", "-n", str(request.lines), "--", PATH_PLACEHOLDER)
         return Invocation(argv, request.effective_timeout_s)
 
     def interpret(self, request: TailLogRequest, completed: Completed) -> Outcome:

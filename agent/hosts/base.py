@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent import constants
 
@@ -58,16 +59,26 @@ class Completed:
         return self.exit_code in TIMEOUT_EXIT_CODES
 
 
-class Capture:
-    """Collects a stream: keeps the head of stdout (to parse), the tail of stderr (where errors are)."""
+# Called with ("stdout" | "stderr", line) for each line a command prints, as it prints it.
+LineHandler = Callable[[str, str], None]
 
-    def __init__(self, limit: int, *, keep: str) -> None:
+
+class Capture:
+    """Collects a stream: keeps the head of stdout (to parse), the tail of stderr (where errors are), and
+    hands complete lines to a LineHandler as they arrive (progress)."""
+
+    def __init__(self, limit: int, *, keep: str, name: str = "", on_line: LineHandler | None = None) -> None:
         self._limit = limit
         self._keep = keep
         self._buf = bytearray()
         self.dropped = 0
+        self._name = name
+        self._on_line = on_line
+        self._partial = b""
 
     def feed(self, chunk: bytes) -> None:
+        if self._on_line is not None:
+            self._split(chunk)
         self._buf += chunk
         excess = len(self._buf) - self._limit
         if excess > 0:
@@ -77,12 +88,28 @@ class Capture:
             else:
                 del self._buf[:excess]
 
+    def _split(self, chunk: bytes) -> None:
+        assert self._on_line is not None
+        # Blender ends some progress lines with a bare carriage return.
+        lines = (self._partial + chunk).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._on_line(self._name, line.decode("utf-8", errors="replace"))
+
+    def close(self) -> None:
+        if self._on_line is not None and self._partial:
+            self._on_line(self._name, self._partial.decode("utf-8", errors="replace"))
+            self._partial = b""
+
     def value(self) -> bytes:
         return bytes(self._buf)
 
 
-def captures() -> tuple[Capture, Capture]:
-    return Capture(MAX_CAPTURE_BYTES, keep="head"), Capture(constants.MAX_OUTPUT_BYTES, keep="tail")
+def captures(on_line: LineHandler | None = None) -> tuple[Capture, Capture]:
+    return (
+        Capture(MAX_CAPTURE_BYTES, keep="head", name="stdout", on_line=on_line),
+        Capture(constants.MAX_OUTPUT_BYTES, keep="tail", name="stderr", on_line=on_line),
+    )
 
 
 class Host(ABC):
@@ -107,8 +134,17 @@ class Host(ABC):
                 self.running -= 1
 
     @abstractmethod
-    async def run(self, invocation: Invocation) -> Completed:
-        """Run to completion. Raises HostError subclasses for failures of the link, never for exit codes."""
+    async def run(self, invocation: Invocation, on_line: LineHandler | None = None) -> Completed:
+        """Run to completion. Raises HostError subclasses for failures of the link, never for exit codes.
+        `on_line` sees each line of output as it arrives."""
+
+    @abstractmethod
+    async def put_files(self, transfers: list[tuple[Path, str]]) -> None:
+        """Copy local files to absolute host paths, each replacing its target atomically."""
+
+    @abstractmethod
+    async def get_files(self, transfers: list[tuple[str, Path]]) -> None:
+        """Copy host files (absolute paths) to local paths, creating local folders as needed."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare the host (hosts that need nothing keep this)."""

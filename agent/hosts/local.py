@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from pathlib import Path
 
-from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, captures
+from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, LineHandler, captures
 
 
 class LocalHost(Host):
@@ -22,8 +23,8 @@ class LocalHost(Host):
         # The local workspace is ours to make; a remote one is the pod owner's.
         self._workspace_path.mkdir(parents=True, exist_ok=True)
 
-    async def run(self, invocation: Invocation) -> Completed:
-        stdout, stderr = captures()
+    async def run(self, invocation: Invocation, on_line: LineHandler | None = None) -> Completed:
+        stdout, stderr = captures(on_line)
         proc = await asyncio.create_subprocess_exec(
             *invocation.host_argv(),
             stdin=asyncio.subprocess.DEVNULL,
@@ -50,6 +51,8 @@ class LocalHost(Host):
         except asyncio.CancelledError:
             _kill_group(proc.pid)
             raise
+        stdout.close()
+        stderr.close()
         if exit_code is not None and exit_code < 0:
             exit_code = 128 - exit_code  # killed by a signal: report it the way a shell would
         return Completed(
@@ -60,6 +63,21 @@ class LocalHost(Host):
             stdout_dropped=stdout.dropped,
             stderr_dropped=stderr.dropped,
         )
+
+
+    async def put_files(self, transfers: list[tuple[Path, str]]) -> None:
+        await asyncio.to_thread(_copy_all, [(src, Path(dst)) for src, dst in transfers])
+
+    async def get_files(self, transfers: list[tuple[str, Path]]) -> None:
+        await asyncio.to_thread(_copy_all, [(Path(src), dst) for src, dst in transfers])
+
+
+def _copy_all(transfers: list[tuple[Path, Path]]) -> None:
+    for src, dst in transfers:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.podq-tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)  # readers never see a half-written file
 
 
 def _kill_group(pid: int) -> None:

@@ -9,8 +9,11 @@ retried: once a channel runs a command, whatever happens next is that request's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import asyncssh
 import structlog
@@ -18,8 +21,16 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from agent import constants
 from agent.config import SSHHostConfig
-from agent.errors import AuthFailed, ConnectionLost, HostError, HostKeyMismatch, HostKeyUnknown, HostUnreachable
-from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, captures
+from agent.errors import (
+    AuthFailed,
+    ConnectionLost,
+    HostError,
+    HostKeyMismatch,
+    HostKeyUnknown,
+    HostUnreachable,
+    TransferFailed,
+)
+from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, LineHandler, captures
 from agent.hosts.known_hosts import trusted_keys
 
 log = structlog.get_logger("podq.ssh")
@@ -64,7 +75,7 @@ class SSHHost(Host):
             f"running={self.running} connects={self.connects}>"
         )
 
-    async def run(self, invocation: Invocation) -> Completed:
+    async def run(self, invocation: Invocation, on_line: LineHandler | None = None) -> Completed:
         attempts = 0
         retry = self.config.retry
         retrying = AsyncRetrying(
@@ -83,7 +94,7 @@ class SSHHost(Host):
             exc.attempts = attempts
             raise
         try:
-            return await self._collect(process, invocation, attempts)
+            return await self._collect(process, invocation, attempts, on_line)
         finally:
             link.busy -= 1
 
@@ -91,6 +102,55 @@ class SSHHost(Host):
         outcome = getattr(state, "outcome", None)
         error = outcome.exception() if outcome is not None else None
         log.warning("ssh.retry", host=self.name, attempt=getattr(state, "attempt_number", None), error=str(error))
+
+    async def put_files(self, transfers: list[tuple[Path, str]]) -> None:
+        async def put(sftp: asyncssh.SFTPClient) -> None:
+            for src, dst in transfers:
+                parent = str(PurePosixPath(dst).parent)
+                await sftp.makedirs(parent, exist_ok=True)
+                tmp = f"{parent}/.{PurePosixPath(dst).name}.podq-tmp"
+                await sftp.put(str(src), tmp)
+                await sftp.posix_rename(tmp, dst)  # readers never see a half-written file
+
+        await self._with_sftp(put, "upload")
+
+    async def get_files(self, transfers: list[tuple[str, Path]]) -> None:
+        async def get(sftp: asyncssh.SFTPClient) -> None:
+            for src, dst in transfers:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.podq-tmp")
+                await sftp.get(src, str(tmp))
+                tmp.replace(dst)
+
+        await self._with_sftp(get, "download")
+
+    async def _with_sftp(self, work: Callable[[asyncssh.SFTPClient], Awaitable[None]], what: str) -> None:
+        """Run `work` in one SFTP session, which takes a channel of the connection like a command does."""
+        retry = self.config.retry
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(retry.attempts),
+            wait=wait_exponential_jitter(multiplier=retry.initial_s, max=retry.max_s, jitter=retry.initial_s),
+            retry=retry_if_exception_type(HostUnreachable), reraise=True, before_sleep=self._log_retry,
+        )
+        async for attempt in retrying:
+            with attempt:
+                link = await self._checkout()
+                try:
+                    sftp_cm = link.conn.start_sftp_client()
+                    sftp = await sftp_cm.__aenter__()
+                except (asyncssh.Error, OSError) as exc:
+                    link.busy -= 1
+                    raise HostUnreachable(f"cannot open an SFTP session on {self.name}: {exc}") from exc
+        try:
+            await work(sftp)
+        except asyncssh.SFTPError as exc:
+            raise TransferFailed(f"{what} on {self.name} failed: {exc.reason}") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise ConnectionLost(f"the SSH connection to {self.name} dropped during an {what}: {exc}") from exc
+        finally:
+            link.busy -= 1
+            with contextlib.suppress(Exception):
+                await sftp_cm.__aexit__(None, None, None)
 
     async def _open_channel(
         self, invocation: Invocation
@@ -112,9 +172,10 @@ class SSHHost(Host):
         return link, process
 
     async def _collect(
-        self, process: asyncssh.SSHClientProcess[bytes], invocation: Invocation, attempts: int
+        self, process: asyncssh.SSHClientProcess[bytes], invocation: Invocation, attempts: int,
+        on_line: LineHandler | None,
     ) -> Completed:
-        stdout, stderr = captures()
+        stdout, stderr = captures(on_line)
 
         async def pump(stream: asyncssh.SSHReader[bytes], capture: Capture) -> None:
             while chunk := await stream.read(65536):
@@ -139,6 +200,8 @@ class SSHHost(Host):
                 f"the SSH connection to {self.name} dropped while the command ran; it may or may not have "
                 f"completed: {exc}"
             ) from exc
+        stdout.close()
+        stderr.close()
         return Completed(
             exit_code=exit_code,
             stdout=stdout.value(),

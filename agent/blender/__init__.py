@@ -1,0 +1,1 @@
+"""The Blender seam: the scripts podq may run, their arguments, and how Blender's output reads."""
