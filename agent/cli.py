@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from agent.journal import result_lines
 from agent.requests import REQUEST_ADAPTER, REQUEST_TYPES, decode_line, request_schema
 from agent.results import Event, ResultLine
 from agent.state import StateStore
-from agent.submit import append_line, follow, results_size, submit
+from agent.submit import append_line, follow, id_taken, results_size, submit
 
 # Exit statuses of `podq submit --wait` (and the other commands where they apply).
 EXIT_OK = 0
@@ -56,9 +58,18 @@ def _parser() -> argparse.ArgumentParser:
         "queue/results.jsonl.",
     )
     parser.add_argument("--version", action="version", version=f"podq {__version__}")
-    parser.add_argument("--config", type=Path, help="config file (default: ./podq.toml, else the embedded "
-                        "default: a `local` host)")
+    config_help = "config file (default: ./podq.toml, else the embedded default: a `local` host)"
+    parser.add_argument("--config", type=Path, help=config_help)
+    # --config is accepted after the command too (`podq status --config x.toml`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("run", help="run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)")
     p.add_argument("--until-idle", action="store_true", help="exit once every request so far has finished")
@@ -68,15 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "submit",
         help="validate a request and append it to the queue; prints its id",
-        description="Validate a request exactly as the daemon will and append it to requests.jsonl. "
-        "Fields are given as --FIELD VALUE (e.g. `podq submit tail_log --path logs/run.log --lines 20`) or "
-        "all at once with --json. Exit status with --wait: 0 succeeded, 1 failed/timed_out/cancelled, "
-        "2 rejected, 124 no result within --wait-timeout.",
+        usage="podq submit [-h] (TYPE [--FIELD VALUE ...] | --json JSON) [--wait] [--wait-timeout S]",
+        description="Validate a request exactly as the daemon will and append it to requests.jsonl; print "
+        "its id (podq gives it one, r-YYYYMMDD-HHMMSS-xxxxxx, unless you pass --id). Any request field is "
+        "given as --FIELD VALUE, e.g. `podq submit tail_log --path logs/run.log --lines 20 --timeout-s 10 "
+        "--meta '{\"shot\": 3}'` (numbers, booleans and objects are read as JSON), or the whole request "
+        "with --json. Exit status: 0 submitted (with --wait: succeeded), 1 failed/timed_out/cancelled, "
+        "2 rejected or bad usage, 3 config problem, 124 no result within --wait-timeout.",
     )
-    p.add_argument("type", nargs="?", choices=REQUEST_TYPES, help="request type")
+    p.add_argument("type", nargs="?", choices=REQUEST_TYPES, metavar="TYPE",
+                   help=f"request type: {', '.join(REQUEST_TYPES)}")
     p.add_argument("--json", dest="json_text", metavar="JSON", help="the whole request as a JSON object")
     p.add_argument("--wait", action="store_true", help="follow the results until the request finishes")
-    p.add_argument("--wait-timeout", type=float, metavar="S", help="with --wait: give up after S seconds")
+    p.add_argument("--wait-timeout", type=float, metavar="S",
+                   help="wait (implies --wait) at most S seconds; the request stays queued after that")
     p.set_defaults(handler=cmd_submit)
 
     p = sub.add_parser("tail", help="a readable view of results.jsonl")
@@ -87,11 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_tail)
 
     p = sub.add_parser("status", help="recent requests and their state")
-    p.add_argument("-n", "--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-n", "--limit", type=int, default=20, help="how many recent requests to list (20)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("validate", help="check request lines in FILE without running them")
+    p = sub.add_parser("validate", help="check request lines in FILE without running them",
+                       description="Check each line as the daemon would (schema, host, paths, ids already used). "
+                       "Exit status: 0 all valid, 1 some invalid, 2 FILE unreadable, 3 config problem.")
     p.add_argument("file", type=Path)
     p.set_defaults(handler=cmd_validate)
 
@@ -107,14 +125,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="record without asking (for scripts)")
     p.set_defaults(handler=cmd_trust)
 
-    p = sub.add_parser("demo", help="start a daemon, run one request of each type on the first host, print "
-                       "the results, stop")
+    p = sub.add_parser("demo", help="start a daemon, run one request of each inspection type on the first "
+                       "host, print the results, stop (uses ./podq.toml, else ./queue and ./workspace)")
     p.set_defaults(handler=cmd_demo)
     return parser
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return config_mod.load(args.config)
+    return config_mod.load(getattr(args, "config", None))
+
+
+def _make_default_workspaces(config: Config) -> None:
+    """The embedded default's local workspace is podq's to create; a configured one must already exist
+    (a typo in podq.toml should fail with workspace_missing, not make a folder)."""
+    if config.source is None:
+        for host in config.hosts:
+            if host.kind == "local":
+                Path(host.workspace).mkdir(parents=True, exist_ok=True)
 
 
 def _log_to(config: Config, *, json_console: bool = False, quiet: bool = False) -> None:
@@ -132,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.source is None:
         print("podq: no podq.toml here: using the embedded default (a `local` host, ./queue, ./workspace)",
               file=sys.stderr)
+        _make_default_workspaces(config)
     return Daemon(config, until_idle=args.until_idle).run()
 
 
@@ -149,7 +177,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"podq submit: rejected ({exc.code.value}): {exc.message}", file=sys.stderr)
         return EXIT_REJECTED
     print(request_id, flush=True)
-    if not args.wait:
+    if not (args.wait or args.wait_timeout is not None):
+        if not QueueLock.is_held(config.queue.dir):
+            print(f"podq: queued; no daemon is serving {config.queue.dir} yet: start one with `podq run`",
+                  file=sys.stderr)
         return EXIT_OK
     return _wait(config, request_id, start, args.wait_timeout)
 
@@ -258,24 +289,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
     state_path = config.queue.dir / STATE_FILE
     running = QueueLock.is_held(config.queue.dir)
-    if not state_path.exists():
-        print(f"no requests yet in {config.queue.dir} (daemon {'running' if running else 'not running'})")
-        return EXIT_OK
-    store = StateStore(state_path, readonly=True)
-    try:
-        rows = store.recent(args.limit)
-        counts = store.counts()
-    finally:
-        store.close()
+    rows: list[Any] = []
+    counts: dict[str, int] = {}
+    cursor = None
+    if state_path.exists():
+        store = StateStore(state_path, readonly=True)
+        try:
+            rows, counts, cursor = store.recent(args.limit), store.counts(), store.cursor()
+        finally:
+            store.close()
+    waiting = _unread_lines(config, cursor)
     if args.json:
-        out = {"daemon_running": running, "counts": counts,
+        out = {"daemon_running": running, "counts": counts, "unread_lines": waiting,
                "requests": [{"id": r.id, "type": r.type, "host": r.host, "state": r.state,
                              "received_at": r.received_at, "updated_at": r.updated_at,
                              "duration_s": r.duration_s, "error_code": r.error_code} for r in rows]}
         sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
         return EXIT_OK
     print(render.status_table(rows, counts, daemon_running=running, queue_dir=config.queue.dir))
+    if waiting:
+        hint = "" if running else ": start the daemon with `podq run`"
+        print(f"{waiting} request line(s) in {config.requests_path.name} not read yet{hint}")
     return EXIT_OK
+
+
+def _unread_lines(config: Config, cursor: Any) -> int:
+    """Complete, non-blank lines of requests.jsonl past the daemon's read position."""
+    try:
+        st = config.requests_path.stat()
+    except FileNotFoundError:
+        return 0
+    start = 0
+    if cursor is not None and (cursor.dev, cursor.ino) == (st.st_dev, st.st_ino) and st.st_size >= cursor.offset:
+        start = cursor.offset
+    with open(config.requests_path, "rb") as f:
+        f.seek(start)
+        return sum(1 for line in f if line.endswith(b"\n") and line.strip())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -284,8 +333,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         content = args.file.read_bytes()
     except OSError as exc:
         print(f"podq validate: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_REJECTED
     bad = total = 0
+    seen: dict[str, int] = {}
     for number, line in enumerate(content.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -293,7 +343,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             if len(line) > constants.MAX_LINE_BYTES:
                 raise RequestError(f"line longer than {constants.MAX_LINE_BYTES} bytes", code=ErrorCode.LINE_TOO_LONG)
-            admission.admit(config, decode_line(line))
+            data = decode_line(line)
+            admission.admit(config, data)
+            request_id = data.get("id")
+            if isinstance(request_id, str):
+                if request_id in seen:
+                    raise RequestError(f"id {request_id!r} is used on line {seen[request_id]} too",
+                                       code=ErrorCode.DUPLICATE_ID)
+                seen[request_id] = number
+                if id_taken(config, request_id):
+                    raise RequestError(f"id {request_id!r} was already used by a request in {config.queue.dir}",
+                                       code=ErrorCode.DUPLICATE_ID)
         except RequestError as exc:
             bad += 1
             print(f"{args.file}:{number}: {exc.code.value}: {exc.message}")
@@ -365,10 +425,11 @@ def cmd_trust(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args)
     config.queue.dir.mkdir(parents=True, exist_ok=True)
+    _make_default_workspaces(config)
     logs.configure(config.queue.dir / LOG_FILE, console_level=logging.WARNING)
     host = config.hosts[0]
     where = str(config.source) if config.source else "the embedded default config (a `local` host)"
-    print(f"podq demo: {where}; queue {config.queue.dir}; host {host.name} ({host.kind})\n")
+    print(f"podq demo: {where}; queue {config.queue.dir}; host {host.name} ({host.kind})")
     if host.kind == "local":
         log_dir = Path(host.workspace) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -379,28 +440,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         {"type": "df"},
         {"type": "ls", "path": "."},
         {"type": "tail_log", "path": "logs/demo.log", "lines": 3},
-        {"type": "ls", "path": "../etc"},  # refused: shows what a rejection looks like
     ]
+    binary = config.blender_binary(host)
+    if host.kind != "local" or shutil.which(binary):
+        requests.append({"type": "blender_render", "script": "make_base_scene.py", "download": True,
+                         "args": {"subject": "character", "pose": "walking", "resolution": [256, 256],
+                                  "samples": 16, "camera": {"azimuth_deg": 35, "elevation_deg": 8},
+                                  "passes": ["depth", "mask"]}})
+    else:
+        print(f"(no `{binary}` on this machine: the Blender render step is skipped)")
     for r in requests:
         r["host"] = host.name
+    # Written raw, as a careless writer might: the daemon answers it with a `rejected` line.
+    bad_id = f"demo-bad-{secrets.token_hex(3)}"
+    print(f"submitting {len(requests)} requests, plus one raw line the daemon must refuse ({bad_id})\n")
     offset = results_size(config)
-    ids: list[str] = []
     with BackgroundDaemon(config):
-        for r in requests:
-            try:
-                ids.append(submit(config, r))
-            except RequestError as exc:
-                print(f"  (not submitted: {exc.code.value}: {exc.message})")
-                # Written raw, as an AI assistant might, to show the daemon's rejection line.
-                r["id"] = f"demo-bad-{len(ids)}"
-                append_line(config.requests_path, r)
-                ids.append(r["id"])
-        pending = set(ids)
-        for line in follow(config, offset, timeout_s=120):
+        ids = [submit(config, r) for r in requests]
+        append_line(config.requests_path, {"id": bad_id, "type": "ls", "path": "../etc", "host": host.name})
+        pending = {*ids, bad_id}
+        for line in follow(config, offset, timeout_s=600):
             if line.id in pending:
                 print(render.event_line(line))
                 if line.terminal:
                     pending.discard(line.id)
+                    for artifact in (line.output or {}).get("artifacts", []):
+                        print(f"    {artifact['path']} -> {artifact.get('local_path', '(not downloaded)')}")
             if not pending:
                 break
     print(f"\nresults: {config.results_path}\nnext: `podq tail`, `podq status`, `podq submit ping --wait`")

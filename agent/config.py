@@ -226,9 +226,23 @@ def parse(text: str, *, base: Path, source: Path | None) -> Config:
 
 def _describe(exc: ValidationError) -> str:
     lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {loc or '(top level)'}: {err['msg']}")
+    for err in exc.errors(include_url=False):
+        # Drop the union's tag from locations: hosts.0.ssh.hostname reads better as hosts[0].hostname.
+        parts = [p for p in err["loc"] if p not in ("ssh", "local")]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "(top level)"
+        match err["type"]:
+            case "extra_forbidden":
+                message = "unknown key: remove it, or check its spelling against the starter (`podq init`)"
+            case "missing":
+                message = "required"
+            case "union_tag_invalid" | "union_tag_not_found":
+                loc += ".kind"
+                message = f"must be \"ssh\" or \"local\" (got {err.get('input', {}).get('kind')!r})"
+            case "string_pattern_mismatch" if parts and parts[-1] == "name":
+                message = "use letters, digits and . _ - (starting with a letter or digit), at most 64"
+            case _:
+                message = err["msg"]
+        lines.append(f"  {loc}: {message}")
     return "\n".join(lines)
 
 

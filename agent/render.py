@@ -30,7 +30,15 @@ def _detail(line: ResultLine) -> str:
     if line.error is not None:
         return _clip(f"{line.error.code.value}: {line.error.message}")
     if line.event == Event.PROGRESS and line.progress:
-        return _clip(_compact(line.progress))
+        p = line.progress
+        text = f"{100 * float(p.get('fraction', 0)):.0f}%"
+        if p.get("steps", 1) > 1:
+            text += f" (image {p.get('step')}/{p.get('steps')})"
+        if p.get("saved"):
+            text += f" saved {p['saved']}"
+        elif p.get("stage"):
+            text += f" {p['stage']}" + (f": {', '.join(p['uploaded'])}" if p.get("uploaded") else "")
+        return _clip(text)
     if line.output is not None:
         return _clip(_summary(line.type, line.output))
     if line.event == Event.SUCCEEDED and line.stdout:
@@ -50,9 +58,11 @@ def _summary(kind: str | None, output: dict[str, Any]) -> str:
                     f"{_size(free)} free")
         case "ls":
             entries = output.get("entries") or []
+            if not entries:
+                return "empty"
             names = ", ".join(e["name"] + ("/" if e.get("kind") == "dir" else "") for e in entries[:8])
             more = f" (+{len(entries) - 8})" if len(entries) > 8 else ""
-            return f"{len(entries)} entries: {names}{more}"
+            return f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}: {names}{more}"
         case "df":
             return (f"{output.get('mount')}: {_size(output.get('available_bytes'))} free of "
                     f"{_size(output.get('total_bytes'))} ({output.get('used_percent')}% used)")
@@ -64,6 +74,11 @@ def _summary(kind: str | None, output: dict[str, Any]) -> str:
         case "tail_log":
             lines = output.get("lines") or []
             return " | ".join(lines[-3:])
+        case "blender_render" | "fetch":
+            made = output.get("artifacts") or []
+            device = output.get("device") or {}
+            on = f" on {device.get('type')}" if device.get("type") else ""
+            return f"{len(made)} file(s){on}: " + ", ".join(a["path"] for a in made[:4])
     return _compact(output)
 
 
@@ -88,12 +103,12 @@ def _size(n: object) -> str:
 
 def status_table(rows: list[Row], counts: dict[str, int], *, daemon_running: bool, queue_dir: Path) -> str:
     header = (f"queue {queue_dir}: daemon {'running' if daemon_running else 'NOT running'}; "
-              + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+              + (", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no requests yet"))
     columns = ("ID", "TYPE", "HOST", "STATE", "RECEIVED", "DURATION", "ERROR")
     table = [columns]
     for r in rows:
         table.append((
-            r.id or "(none)", r.type or "?", r.host or "-", r.state, r.received_at[:19].replace("T", " "),
+            r.id or "(no id)", r.type or "?", r.host or "-", r.state, r.received_at[:19].replace("T", " "),
             f"{r.duration_s:.2f}s" if r.duration_s is not None else "-", r.error_code or "",
         ))
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]

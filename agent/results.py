@@ -75,9 +75,9 @@ class ResultLine(BaseModel):
 
     def to_json_line(self) -> bytes:
         data = self.model_dump(mode="json", exclude_none=True)
-        for key in ("id", "type", "host"):
-            data.setdefault(key, None)
-        return orjson.dumps(data) + b"\n"
+        # The five fields every line has come first, null included, in the same order on every line.
+        head = {key: data.pop(key, None) for key in ("id", "event", "ts", "type", "host")}
+        return orjson.dumps({**head, **data}) + b"\n"
 
     @property
     def terminal(self) -> bool:

@@ -49,7 +49,7 @@ def submit(config: Config, data: dict[str, Any]) -> str:
     data = dict(data)
     data.setdefault("id", new_request_id())
     admit(config, data)
-    if _id_taken(config, data["id"]):
+    if id_taken(config, data["id"]):
             raise RequestError(
                 f"id {data['id']!r} was already used by an earlier request: choose a new id, or leave it out",
                 code=ErrorCode.DUPLICATE_ID,
@@ -58,7 +58,7 @@ def submit(config: Config, data: dict[str, Any]) -> str:
     return str(data["id"])
 
 
-def _id_taken(config: Config, request_id: object) -> bool:
+def id_taken(config: Config, request_id: object) -> bool:
     """Best effort: the daemon has the last word (it rejects a duplicate that slips through here)."""
     state_path = config.queue.dir / "podq.sqlite3"
     if not isinstance(request_id, str) or not state_path.exists():

@@ -123,6 +123,73 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     path.write_text('[[hosts]]\nname = "x"\nkind = "ssh"\nworkspace = "relative"\n')
     assert podq(["--config", str(path), "status"]) == 3
     err = capsys.readouterr().err
-    assert "hosts.0.ssh.hostname" in err and "absolute path" in err
+    assert "hosts[0].hostname: required" in err and "absolute path" in err
     assert podq(["--config", str(tmp_path / "absent.toml"), "status"]) == 3
     assert "podq init" in capsys.readouterr().err
+
+
+def test_config_may_follow_the_command(local_config: Config, capsys: pytest.CaptureFixture[str]) -> None:
+    assert podq(["status", "--config", str(local_config.source)]) == 0
+    assert str(local_config.queue.dir) in capsys.readouterr().out
+    assert podq(["submit", "gpu", "--config", str(local_config.source)]) == 0
+    assert "config" not in orjson.loads(local_config.requests_path.read_bytes())
+
+
+def test_wait_timeout_implies_wait_and_status_counts_unread_lines(
+    local_config: Config, cli: Callable[[Config], Run]
+) -> None:
+    run = cli(local_config)
+    code, _, err = run("submit", "gpu", "--wait-timeout", "0.5")
+    assert code == 124 and "stays queued" in err
+    code, _, err = run("submit", "gpu")
+    assert code == 0 and "no daemon is serving" in err
+    code, out, _ = run("status")
+    assert "2 request line(s) in requests.jsonl not read yet" in out and "podq run" in out
+
+
+def test_validate_knows_ids_already_used(
+    local_config: Config, cli: Callable[[Config], Run], tmp_path: Path
+) -> None:
+    from agent.daemon import BackgroundDaemon
+    from tests.conftest import put, wait_terminal
+
+    with BackgroundDaemon(local_config):
+        put(local_config, id="used", type="gpu")
+        wait_terminal(local_config, {"used"})
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"id": "used", "type": "gpu"}\n{"id": "twice", "type": "gpu"}\n{"id": "twice", "type": "df"}\n')
+    code, out, _ = cli(local_config)("validate", str(batch))
+    assert code == 1
+    assert [line.split(": ")[1] for line in out.splitlines()] == ["duplicate_id", "duplicate_id"]
+    assert cli(local_config)("validate", str(tmp_path / "absent.jsonl"))[0] == 2
+
+
+def test_an_idle_daemon_and_a_waiting_follower_use_no_cpu(local_config: Config) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from agent.submit import follow
+
+    daemon = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(local_config.source), "run"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)  # start-up
+        before = _cpu_seconds(daemon.pid)
+        started = time.process_time()
+        with pytest.raises(TimeoutError):
+            for _ in follow(local_config, 0, timeout_s=2):
+                pass
+        follower_cpu = time.process_time() - started
+        daemon_cpu = _cpu_seconds(daemon.pid) - before
+    finally:
+        daemon.terminate()
+        assert daemon.wait(10) == 0
+    assert follower_cpu < 0.3, f"a follower with nothing to read burned {follower_cpu:.2f} s of CPU"
+    assert daemon_cpu < 0.3, f"an idle daemon burned {daemon_cpu:.2f} s of CPU in 2 s"
+    assert (local_config.queue.dir / "podq.log").stat().st_size < 10_000
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -16,7 +16,6 @@ from agent.errors import ErrorCode, NotAllowed
 from agent.hosts.base import Completed, Invocation
 from agent.requests import LsRequest, parse_line
 
-
 WS = Target("/workspace")
 
 

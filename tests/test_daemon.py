@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -174,3 +175,12 @@ def test_until_idle_exits_when_everything_finished(local_config: Config) -> None
     put(local_config, id="b", type="ls")
     asyncio.run(asyncio.wait_for(Daemon(local_config, until_idle=True).async_run(), 30))
     assert events_of(local_config, "a")[-1] == "succeeded" and events_of(local_config, "b")[-1] == "succeeded"
+
+
+def test_a_missing_local_workspace_is_reported_not_created(make_config: Callable[..., Config]) -> None:
+    config = make_config()  # its workspace folder does not exist
+    with BackgroundDaemon(config):
+        put(config, id="nows", type="ls")
+        result = wait_terminal(config, {"nows"})["nows"]
+    assert result.event == Event.FAILED and result.error.code == "workspace_missing"  # type: ignore[union-attr]
+    assert not _workspace(config).exists()

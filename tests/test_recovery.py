@@ -48,6 +48,7 @@ def test_kill_9_mid_batch_loses_nothing_and_repeats_nothing(
 ) -> None:
     config = make_config(ssh_host_toml(sshd)) if kind == "ssh" else make_config()
     config.queue.dir.mkdir(parents=True, exist_ok=True)
+    Path(str(config.hosts[0].workspace)).mkdir(parents=True, exist_ok=True)
     ids = [f"k{i:03d}" for i in range(BATCH)]
     for i, rid in enumerate(ids):
         append_line(config.requests_path, {"id": rid, "type": ("ls", "df", "gpu")[i % 3]})

@@ -9,6 +9,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from agent.errors import ErrorCode, HostError
 from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, LineHandler, captures
 
 
@@ -19,11 +20,12 @@ class LocalHost(Host):
         super().__init__(name, str(workspace), max_concurrency)
         self._workspace_path = workspace
 
-    async def start(self) -> None:
-        # The local workspace is ours to make; a remote one is the pod owner's.
-        self._workspace_path.mkdir(parents=True, exist_ok=True)
-
     async def run(self, invocation: Invocation, on_line: LineHandler | None = None) -> Completed:
+        if not self._workspace_path.is_dir():
+            raise HostError(
+                f"the local workspace {self.workspace} does not exist: create it, or fix `workspace` in podq.toml",
+                code=ErrorCode.WORKSPACE_MISSING,
+            )
         stdout, stderr = captures(on_line)
         proc = await asyncio.create_subprocess_exec(
             *invocation.host_argv(),
