@@ -96,6 +96,9 @@ def test_cube_and_character_render_with_sidecar_and_downloads(render_config: Con
             local = Path(a["local_path"])
             assert local.is_relative_to(render_config.artifacts.dir / (result.id or ""))
             assert hashlib.sha256(local.read_bytes()).hexdigest() == a["sha256"] and local.stat().st_size == a["size"]
+    saved = [line.progress for line in all_results(render_config)
+             if line.id == "hero" and line.event == Event.PROGRESS and (line.progress or {}).get("saved")]
+    assert saved, "Blender's output streams back as progress, over SSH too"
     assert image(cube).size == (96, 96) and not_blank(image(cube))
     assert image(hero).size == (80, 112) and not_blank(image(hero))
 
