@@ -39,7 +39,7 @@ def resolve_host(config: Config, name: str | None) -> SSHHostConfig | LocalHostC
 
 def target_for(config: Config, host: SSHHostConfig | LocalHostConfig) -> Target:
     return Target(workspace=str(host.workspace), blender=config.blender_binary(host),
-                  scripts=ScriptLibrary(config.scripts_dir))
+                  scripts=ScriptLibrary(config.scripts_dir), python=config.python_binary(host))
 
 
 def admit(config: Config, data: dict[str, Any]) -> Admitted:

@@ -125,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="record without asking (for scripts)")
     p.set_defaults(handler=cmd_trust)
 
+    p = sub.add_parser("stability-emulator", help="serve podq's offline emulator of the Stability API (not the "
+                       "real API) on loopback until stopped",
+                       description="An emulator of the Stability AI REST API for tests and dry runs: same paths, "
+                       "fields, validation, headers and errors; images derived from the input. Prints its base "
+                       "URL; point `[stability] base_url` at it.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.set_defaults(handler=cmd_stability_emulator)
+
     p = sub.add_parser("demo", help="start a daemon, run one request of each inspection type on the first "
                        "host, print the results, stop (uses ./podq.toml, else ./queue and ./workspace)")
     p.set_defaults(handler=cmd_demo)
@@ -422,6 +431,12 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_stability_emulator(args: argparse.Namespace) -> int:
+    from agent.stability import emulator
+
+    return emulator.main(["--host", args.host, "--port", str(args.port)])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args)
     config.queue.dir.mkdir(parents=True, exist_ok=True)
@@ -443,12 +458,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     binary = config.blender_binary(host)
     if host.kind != "local" or shutil.which(binary):
-        requests.append({"type": "blender_render", "script": "make_base_scene.py", "download": True,
-                         "args": {"subject": "character", "pose": "walking", "resolution": [256, 256],
-                                  "samples": 16, "camera": {"azimuth_deg": 35, "elevation_deg": 8},
-                                  "passes": ["depth", "mask"]}})
+        # The main job: render a base image of the character, stylize it, one manifest linking it all.
+        requests.append({"type": "character", "download": True,
+                         "render": {"args": {"subject": "character", "pose": "walking", "resolution": [256, 256],
+                                             "samples": 16, "camera": {"azimuth_deg": 35, "elevation_deg": 8},
+                                             "passes": ["depth", "mask"]}},
+                         "stylize": {"prompt": "a heroic knight in ornate armour, comic book style",
+                                     "negative_prompt": "blurry, text", "variants": 2, "seed": 7}})
     else:
-        print(f"(no `{binary}` on this machine: the Blender render step is skipped)")
+        print(f"(no `{binary}` on this machine: the render-and-stylize step is skipped)")
     for r in requests:
         r["host"] = host.name
     # Written raw, as a careless writer might: the daemon answers it with a `rejected` line.
@@ -466,6 +484,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     pending.discard(line.id)
                     for artifact in (line.output or {}).get("artifacts", []):
                         print(f"    {artifact['path']} -> {artifact.get('local_path', '(not downloaded)')}")
+                    if (line.output or {}).get("emulated"):
+                        print("    (stylized by podq's offline emulator of the Stability API: no API key is "
+                              "configured; set STABILITY_API_KEY for real images)")
             if not pending:
                 break
     print(f"\nresults: {config.results_path}\nnext: `podq tail`, `podq status`, `podq submit ping --wait`")

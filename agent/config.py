@@ -7,6 +7,7 @@ the current directory is.
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
@@ -42,6 +43,8 @@ class _HostBase(_Strict):
     )
     # The Blender binary on this host; None: `[blender] binary`.
     blender_binary: str | None = Field(None, min_length=1)
+    # The Python that runs podq's clients on this host (needs httpx and Pillow); None: `[stability] python`.
+    python_binary: str | None = Field(None, min_length=1)
 
 
 class SSHHostConfig(_HostBase):
@@ -91,6 +94,21 @@ class BlenderSettings(_Strict):
     scripts_dir: Path | None = None
 
 
+class StabilitySettings(_Strict):
+    base_url: str = "https://api.stability.ai"
+    # The key: the daemon's STABILITY_API_KEY, else this file (mode 0600, one line).
+    api_key_file: Path | None = None
+    # "auto": use podq's offline emulator when no key is configured (results say "emulated": true);
+    # "always": use it even with a key; "never": fail without a key.
+    emulator: Literal["auto", "always", "never"] = "auto"
+    # The Python that runs podq's client on a host (needs httpx and Pillow); per host: `python_binary`.
+    # None: podq's own interpreter on a local host, `python3` over SSH.
+    python: str | None = Field(None, min_length=1)
+    attempts: int = Field(4, ge=1, le=10)  # for what may succeed on retry (429, 5xx, network)
+    backoff_s: float = Field(1.0, ge=0)
+    rate_limit_wait_s: float = Field(60.0, ge=0)  # the API times a key out for 60 s after a 429
+
+
 class ArtifactsSettings(_Strict):
     dir: Path = Path("artifacts")  # downloads land in <dir>/<request id>/
 
@@ -99,6 +117,7 @@ class Config(_Strict):
     queue: QueueSettings = QueueSettings()
     daemon: DaemonSettings = DaemonSettings()
     blender: BlenderSettings = BlenderSettings()
+    stability: StabilitySettings = StabilitySettings()
     artifacts: ArtifactsSettings = ArtifactsSettings()
     hosts: list[HostConfig] = Field(min_length=1)
     # Where the file was read from (None for the embedded default); set by `load`, not by the file.
@@ -124,6 +143,11 @@ class Config(_Strict):
 
     def blender_binary(self, host: SSHHostConfig | LocalHostConfig) -> str:
         return host.blender_binary or self.blender.binary
+
+    def python_binary(self, host: SSHHostConfig | LocalHostConfig) -> str:
+        if host.python_binary or self.stability.python:
+            return host.python_binary or self.stability.python or ""
+        return sys.executable if isinstance(host, LocalHostConfig) else "python3"
 
     @property
     def scripts_dir(self) -> Path:
@@ -153,6 +177,14 @@ shutdown_grace_s = 10         # on SIGINT/SIGTERM, how long running commands get
 [blender]
 binary = "blender"            # per host: `blender_binary = "/opt/blender/blender"` in its [[hosts]] entry
 # scripts_dir = "blender_scripts"   # default: blender_scripts/ beside this file, else the scripts shipped with podq
+
+[stability]
+base_url = "https://api.stability.ai"
+# The API key: the daemon's STABILITY_API_KEY environment variable, or a file (mode 0600) named here.
+# api_key_file = "~/.config/podq/stability.key"
+emulator = "auto"             # no key: use podq's offline emulator (results say "emulated": true); "never" to fail
+# python = "python3"          # runs podq's client on a host (needs httpx, Pillow); default: podq's own Python
+                              # on a local host, python3 over SSH; per host: `python_binary`
 
 [artifacts]
 dir = "artifacts"             # files fetched from hosts land in artifacts/<request id>/
@@ -208,6 +240,9 @@ def _resolve(config: Config, base: Path) -> Config:
         "hosts": hosts,
         "blender": config.blender.model_copy(update={"scripts_dir": scripts}),
         "artifacts": ArtifactsSettings(dir=local(config.artifacts.dir)),
+        "stability": config.stability.model_copy(update={
+            "api_key_file": local(config.stability.api_key_file) if config.stability.api_key_file else None,
+        }),
     })
 
 

@@ -31,6 +31,8 @@ from agent.hosts.base import Completed
 from agent.journal import RawLine, RequestsReader, ResultsJournal, result_lines
 from agent.requests import REQUEST_ADAPTER, Request, auto_id, decode_line, readable_id
 from agent.results import ErrorInfo, Event, ResultLine, Truncated, now
+from agent.stability.access import StabilityAccess, emulator_key, load_key
+from agent.stability.emulator import StabilityEmulator
 from agent.state import RECEIVED, Claim, Row, StateStore
 from agent.watch import FileWatcher
 
@@ -122,6 +124,8 @@ class Daemon:
         self.accepted = 0
         self.rejected = 0
         self.finished = 0
+        self.stability: StabilityAccess | None = None
+        self._emulator: StabilityEmulator | None = None
 
     def __repr__(self) -> str:
         return (
@@ -160,6 +164,7 @@ class Daemon:
             try:
                 for host in self.hosts.values():
                     await host.start()
+                self.stability = self._start_stability()
                 watcher.start()
                 cursor = self.state.cursor()
                 self.reader = RequestsReader(
@@ -173,6 +178,8 @@ class Daemon:
                 await self._drain()
             finally:
                 watcher.stop()
+                if self._emulator is not None:
+                    self._emulator.stop()
                 for host in self.hosts.values():
                     await host.close()
                 if hasattr(self, "reader"):
@@ -180,6 +187,21 @@ class Daemon:
                 self.journal.close()
                 self.state.close()
                 log.info("daemon.stopped", accepted=self.accepted, rejected=self.rejected, finished=self.finished)
+
+    def _start_stability(self) -> StabilityAccess | None:
+        """The real API when a key is configured; podq's emulator when allowed and there is none."""
+        settings = self.config.stability
+        key = load_key(settings)
+        if settings.emulator == "always" or (settings.emulator == "auto" and key is None):
+            emulator_secret = emulator_key()
+            self._emulator = StabilityEmulator(api_keys={emulator_secret}).start()
+            port = int(self._emulator.base_url.rsplit(":", 1)[1])
+            log.warning("stability.emulated", base_url=self._emulator.base_url,
+                        why="no API key configured" if key is None else "[stability] emulator = always")
+            return StabilityAccess(self._emulator.base_url, emulator_secret, emulated=True, local_port=port)
+        if key is None:
+            return None
+        return StabilityAccess(settings.base_url, key)
 
     async def _serve(self, stop: asyncio.Event) -> None:
         stopper = asyncio.create_task(stop.wait())
@@ -306,9 +328,11 @@ class Daemon:
     async def _execute(self, job: Job) -> None:
         command = command_for(job.request)
         ctx = ExecContext(
-            host=job.host, request_id=job.id, progress=lambda data: self._progress(job, data),
+            host=job.host, target=target_for(self.config, resolve_host(self.config, job.host.name)),
+            request_id=job.id, progress=lambda data: self._progress(job, data),
             artifacts_dir=self.config.artifacts.dir, scripts=ScriptLibrary(self.config.scripts_dir),
-            job_output=self.state.output_of,
+            job_output=self.state.output_of, stability=self.stability,
+            stability_settings=self.config.stability,
         )
         async with job.host.slot():
             if self._stopping:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import constants
+from agent import constants, secrets
 from agent.results import ResultLine, parse_result_line
 
 log = structlog.get_logger("podq.journal")
@@ -167,7 +167,7 @@ class ResultsJournal:
 
     def append(self, line: ResultLine) -> int:
         """Append one line; returns the file's end offset after it (the new checkpoint)."""
-        data = line.to_json_line()
+        data = secrets.scrub_bytes(line.to_json_line())  # the one place every result line passes
         written = os.write(self._fd, data)
         if written != len(data):  # only on a full disk; finish the line rather than leave it torn
             os.write(self._fd, data[written:])

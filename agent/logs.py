@@ -14,15 +14,26 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, Processor
 
+from agent import secrets
+
 _SECRET_KEY = re.compile(r"(pass(word|phrase)?|secret|token|api[_-]?key|authorization|private[_-]?key)", re.I)
 REDACTED = "[redacted]"
 
 
 def redact(_: Any, __: str, event_dict: EventDict) -> EventDict:
-    for key in list(event_dict):
+    for key, value in list(event_dict.items()):
         if _SECRET_KEY.search(key):
             event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            event_dict[key] = secrets.scrub(value)  # a registered secret inside any message
     return event_dict
+
+
+class _ScrubbingFormatter(structlog.stdlib.ProcessorFormatter):
+    """The last word on every log line, tracebacks included: no registered secret gets through."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return secrets.scrub(super().format(record))
 
 
 class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
@@ -66,7 +77,7 @@ def configure(log_file: Path | None, *, console_level: int = logging.INFO, json_
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     console.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        _ScrubbingFormatter(
             foreign_pre_chain=shared,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, console_renderer],
         )
@@ -78,7 +89,7 @@ def configure(log_file: Path | None, *, console_level: int = logging.INFO, json_
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(
-            structlog.stdlib.ProcessorFormatter(
+            _ScrubbingFormatter(
                 foreign_pre_chain=shared,
                 processors=[
                     structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -36,6 +36,8 @@ def _detail(line: ResultLine) -> str:
             text += f" (image {p.get('step')}/{p.get('steps')})"
         if p.get("saved"):
             text += f" saved {p['saved']}"
+        elif p.get("variant"):
+            text += f" {p.get('stage', '')} {p['variant'].get('image')} ({p['variant'].get('finish_reason')})"
         elif p.get("stage"):
             text += f" {p['stage']}" + (f": {', '.join(p['uploaded'])}" if p.get("uploaded") else "")
         return _clip(text)
@@ -79,6 +81,10 @@ def _summary(kind: str | None, output: dict[str, Any]) -> str:
             device = output.get("device") or {}
             on = f" on {device.get('type')}" if device.get("type") else ""
             return f"{len(made)} file(s){on}: " + ", ".join(a["path"] for a in made[:4])
+        case "stability_generate" | "character" | "ai_render":
+            variants = output.get("variants") or []
+            emulated = " (emulated)" if output.get("emulated") else ""
+            return f"{len(variants)} variant(s){emulated}: " + ", ".join(v.get("image", "?") for v in variants[:4])
     return _compact(output)
 
 

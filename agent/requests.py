@@ -150,12 +150,93 @@ class FetchRequest(_RequestBase):
         return self
 
 
+Endpoint = Literal["control/structure", "control/sketch", "control/style", "generate/sd3", "generate/core",
+                   "generate/ultra", "sdxl/image-to-image", "sdxl/text-to-image"]
+StylePreset = Literal["enhance", "anime", "photographic", "digital-art", "comic-book", "fantasy-art", "line-art",
+                      "analog-film", "neon-punk", "isometric", "low-poly", "origami", "modeling-compound",
+                      "cinematic", "3d-model", "pixel-art", "tile-texture"]
+
+
+class StylizeParams(BaseModel):
+    """How to stylize: the Stability parameters shared by stability_generate, character and ai_render.
+    Ranges are checked again by the client on the host (and by the API)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    endpoint: Endpoint = "control/structure"
+    prompt: str = Field("", max_length=10000)
+    negative_prompt: str | None = Field(None, max_length=10000)
+    style_preset: StylePreset | None = None
+    seed: int | None = Field(None, ge=0, le=4294967294, description="0 or absent: random (reported back)")
+    variants: int = Field(1, ge=1, le=10, description="images per input")
+    strength: float | None = Field(None, ge=0, le=1, description="image-to-image: how far from the input")
+    control_strength: float | None = Field(None, ge=0, le=1, description="control/structure and control/sketch")
+    fidelity: float | None = Field(None, ge=0, le=1, description="control/style")
+    cfg_scale: float | None = Field(None, ge=0, le=35)
+    steps: int | None = Field(None, ge=10, le=50, description="sdxl endpoints")
+    sampler: str | None = Field(None, pattern=r"^[A-Z0-9_]{1,32}$", description="sdxl endpoints, e.g. K_EULER")
+    aspect_ratio: str | None = Field(None, pattern=r"^\d{1,2}:\d{1,2}$")
+    model: str | None = Field(None, pattern=r"^[a-z0-9.-]{1,32}$", description="generate/sd3, e.g. sd3.5-large")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class StabilityGenerateRequest(_RequestBase):
+    """Stylize images with Stability AI (through podq's client on the host): renders under the workspace
+    (`inputs`), or a previous job's renders (`from_job`), or the prompt alone (text-to-image endpoints)."""
+
+    type: Literal["stability_generate"]
+    inputs: list[WorkspacePath] | None = Field(None, min_length=1, max_length=20)
+    from_job: str | None = Field(None, pattern=ID_PATTERN, description="take a previous render job's images")
+    stylize: StylizeParams
+    download: bool = False
+    default_timeout_s: ClassVar[float] = 900.0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StabilityGenerateRequest:
+        if self.inputs is not None and self.from_job is not None:
+            raise ValueError("give `inputs` or `from_job`, not both")
+        return self
+
+
+class RenderSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    script: str = Field("make_base_scene.py", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.py$")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class CharacterRequest(_RequestBase):
+    """The whole pipeline in one request: render base images with Blender, then stylize each, with one
+    manifest linking scene arguments -> base render -> every variant."""
+
+    type: Literal["character"]
+    render: RenderSpec = RenderSpec()
+    stylize: StylizeParams
+    download: bool = False
+    default_timeout_s: ClassVar[float] = 2400.0
+
+
+class AiRenderRequest(_RequestBase):
+    """The AI Render addon route, headless: a .blend (or the last render) through
+    blender_scripts/generate_ai_characters.py, which reads the addon's scene settings when present and calls
+    the same Stability client. `stylize` fields given here override the scene's settings."""
+
+    type: Literal["ai_render"]
+    blend: WorkspacePath | None = Field(None, description="a .blend under the workspace; absent: the last render")
+    stylize: StylizeParams = Field(default_factory=lambda: StylizeParams(endpoint="sdxl/image-to-image"))
+    download: bool = False
+    default_timeout_s: ClassVar[float] = 1800.0
+
+
 Request = Annotated[
-    PingRequest | LsRequest | DfRequest | GpuRequest | TailLogRequest | BlenderRenderRequest | FetchRequest,
+    PingRequest | LsRequest | DfRequest | GpuRequest | TailLogRequest | BlenderRenderRequest | FetchRequest
+    | StabilityGenerateRequest | CharacterRequest | AiRenderRequest,
     Field(discriminator="type"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)
-REQUEST_TYPES: tuple[str, ...] = ("ping", "ls", "df", "gpu", "tail_log", "blender_render", "fetch")
+REQUEST_TYPES: tuple[str, ...] = (
+    "ping", "ls", "df", "gpu", "tail_log", "blender_render", "fetch", "stability_generate", "character", "ai_render",
+)
 
 
 def request_schema() -> dict[str, Any]:

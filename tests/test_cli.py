@@ -92,7 +92,7 @@ def test_validate_reports_each_bad_line(local_config: Config, cli: Callable[[Con
 def test_schema_prints_the_request_schema(local_config: Config, cli: Callable[[Config], Run]) -> None:
     code, out, _ = cli(local_config)("schema")
     schema = orjson.loads(out)
-    assert code == 0 and schema["discriminator"]["propertyName"] == "type" and len(schema["oneOf"]) == 7
+    assert code == 0 and schema["discriminator"]["propertyName"] == "type" and len(schema["oneOf"]) == 10
 
 
 def test_init_writes_a_starter_that_works_as_is(

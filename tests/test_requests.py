@@ -76,7 +76,7 @@ def test_messages_name_the_field_and_the_fix() -> None:
     assert "`colour` is not a field of `ping`" in info.value.message
     with pytest.raises(RequestError) as info:
         parse_line(b'{"type": "teleport"}')
-    assert "ping, ls, df, gpu, tail_log, blender_render, fetch" in info.value.message
+    assert "ping, ls, df, gpu, tail_log, blender_render, fetch, stability_generate" in info.value.message
     with pytest.raises(RequestError) as info:
         parse_line(b'{"type": "tail_log", "path": "x", "lines": 5000}')
     assert "`lines`" in info.value.message and "1000" in info.value.message
@@ -91,7 +91,9 @@ def test_valid_requests_parse_with_defaults() -> None:
 
 def test_schema_is_a_discriminated_union_of_every_type() -> None:
     schema = request_schema()
-    types = {d["properties"]["type"]["const"] for d in schema["$defs"].values() if "type" in d.get("properties", {})}
-    assert types == {"ping", "ls", "df", "gpu", "tail_log", "blender_render", "fetch"}
+    types = {d["properties"]["type"]["const"] for d in schema["$defs"].values()
+             if "const" in d.get("properties", {}).get("type", {})}
+    assert types == {"ping", "ls", "df", "gpu", "tail_log", "blender_render", "fetch", "stability_generate",
+                     "character", "ai_render"}
     assert schema["discriminator"]["propertyName"] == "type"
     assert all(d.get("additionalProperties") is False for d in schema["$defs"].values() if "properties" in d)

@@ -2,7 +2,8 @@
 
 Blender's own lines (`Fra:1 … | Sample 16/32`, `Saved: '…'`) work for any script; podq's scripts add
 `PODQ_STEP i/n label` (one per image of a multi-view run), `PODQ_OUTPUT <path>` (every file written),
-`PODQ_DEVICE <json>` and `PODQ_ERROR <code>: <message>`.
+`PODQ_DEVICE <json>` and `PODQ_ERROR <code>: <message>`; podq's Stability client (run directly, or from a
+Blender script) adds `PODQ_VARIANT <json>` per image and `PODQ_ATTEMPTS n` (HTTP requests made).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ STEP = re.compile(r"^PODQ_STEP (\d+)/(\d+)\s*(.*)$")
 OUTPUT = re.compile(r"^PODQ_OUTPUT (.+)$")
 DEVICE = re.compile(r"^PODQ_DEVICE (\{.*\})\s*$")
 ERROR = re.compile(r"PODQ_ERROR ([a-z_]+): (.*)$")
+VARIANT = re.compile(r"^PODQ_VARIANT (\{.*\})\s*$")
+ATTEMPTS = re.compile(r"^PODQ_ATTEMPTS (\d+)\s*$")
+INFO = re.compile(r"^PODQ_INFO (\{.*\})\s*$")
 TRACEBACK_LAST = re.compile(r"^(\w+(\.\w+)*(Error|Exception)\b.*)$")
 
 
@@ -38,6 +42,9 @@ class BlenderOutput:
     device: dict[str, Any] | None = None
     error: tuple[str, str] | None = None
     last_exception: str | None = None
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    api_attempts: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
@@ -59,6 +66,17 @@ class BlenderOutput:
             return None
         if m := ERROR.search(line):
             self.error = (m[1], m[2].strip())
+            return None
+        if m := VARIANT.match(line):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                self.variants.append(orjson.loads(m[1]))
+            return {**self.snapshot(), "variant": self.variants[-1]} if self.variants else None
+        if m := INFO.match(line):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                self.info.update(orjson.loads(m[1]))
+            return None
+        if m := ATTEMPTS.match(line):
+            self.api_attempts += int(m[1])
             return None
         if m := TRACEBACK_LAST.match(line.strip()):
             self.last_exception = m[1]

@@ -1,4 +1,5 @@
-"""Mirroring the local scripts folder to `<workspace>/blender_scripts/` on a host, uploading only what changed."""
+"""Mirroring a local folder of scripts to the host (`<workspace>/blender_scripts/`, `<workspace>/clients/`),
+uploading only what changed."""
 
 from __future__ import annotations
 
@@ -23,9 +24,19 @@ class SyncReport:
 
 
 async def sync_scripts(host: Host, library: ScriptLibrary) -> SyncReport:
+    return await sync_folder(host, library, f"{host.workspace}/{REMOTE_FOLDER}")
+
+
+async def sync_folder(host: Host, library: ScriptLibrary, remote_dir: str) -> SyncReport:
+    """Make `remote_dir` on the host hold the library's files as they are now (changed files only)."""
+    # Jobs starting together would each upload the same files; one sync per folder at a time.
+    async with host.lock(f"sync:{remote_dir}"):
+        return await _sync(host, library, remote_dir)
+
+
+async def _sync(host: Host, library: ScriptLibrary, remote_dir: str) -> SyncReport:
     files = library.files()
     local = {name: sha256_file(path) for name, path in files.items()}
-    remote_dir = f"{host.workspace}/{REMOTE_FOLDER}"
     listing = await host.run(Invocation(("sh", "-c", LIST_SCRIPT, "podq-sync", remote_dir), 60))
     if listing.exit_code != 0:
         raise HostError(

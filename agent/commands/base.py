@@ -12,8 +12,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
 
 from agent.blender.scripts import ScriptLibrary
+from agent.config import StabilitySettings
 from agent.errors import ErrorCode, NotAllowed
 from agent.hosts.base import Completed, Host, Invocation
+from agent.stability.access import StabilityAccess
 
 R = TypeVar("R")
 
@@ -79,6 +81,7 @@ class Target:
     workspace: str
     blender: str = "blender"
     scripts: ScriptLibrary | None = None
+    python: str = "python3"  # runs podq's clients on the host
 
 
 @dataclass
@@ -87,11 +90,14 @@ class ExecContext:
     the scripts folder, and earlier jobs' outputs."""
 
     host: Host
+    target: Target
     request_id: str
     progress: Callable[[dict[str, Any]], None]
     artifacts_dir: Path
     scripts: ScriptLibrary
     job_output: Callable[[str], dict[str, Any] | None]
+    stability: StabilityAccess | None = None
+    stability_settings: StabilitySettings | None = None
 
 
 class CommandType(ABC, Generic[R]):

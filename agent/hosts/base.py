@@ -12,7 +12,7 @@ import shlex
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import constants
@@ -29,10 +29,14 @@ MAX_CAPTURE_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Invocation:
-    """One command to run on a host: an argv (never a shell string) and its time limit."""
+    """One command to run on a host: an argv (never a shell string) and its time limit.
+
+    `stdin` is how a secret reaches the command: written to its standard input, never in argv (which any
+    user of the host can read with `ps`), and left out of repr so it is never logged."""
 
     argv: tuple[str, ...]
     timeout_s: float
+    stdin: bytes | None = field(default=None, repr=False, compare=False)
 
     def host_argv(self) -> tuple[str, ...]:
         """The argv as the host runs it: C locale for parseable output, bounded by coreutils `timeout`."""
@@ -121,7 +125,12 @@ class Host(ABC):
         self.name = name
         self.workspace = workspace
         self._slots = asyncio.Semaphore(max_concurrency)
+        self._locks: dict[str, asyncio.Lock] = {}
         self.running = 0
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """A named lock for work on this host that must not overlap (e.g. syncing one folder)."""
+        return self._locks.setdefault(name, asyncio.Lock())
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -145,6 +154,11 @@ class Host(ABC):
     @abstractmethod
     async def get_files(self, transfers: list[tuple[str, Path]]) -> None:
         """Copy host files (absolute paths) to local paths, creating local folders as needed."""
+
+    async def reach_local_port(self, port: int) -> int:
+        """A port on the host's loopback that reaches `port` on this machine's loopback (e.g. podq's
+        Stability emulator). The local host is this machine: the same port."""
+        return port
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare the host (hosts that need nothing keep this)."""

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import uuid
 from pathlib import Path
 
 from agent.errors import ErrorCode, HostError
@@ -29,7 +30,7 @@ class LocalHost(Host):
         stdout, stderr = captures(on_line)
         proc = await asyncio.create_subprocess_exec(
             *invocation.host_argv(),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if invocation.stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=self.workspace,
@@ -37,6 +38,10 @@ class LocalHost(Host):
             start_new_session=True,
         )
         assert proc.stdout is not None and proc.stderr is not None
+        if invocation.stdin is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(invocation.stdin)
+            proc.stdin.close()
 
         async def pump(stream: asyncio.StreamReader, capture: Capture) -> None:
             while chunk := await stream.read(65536):
@@ -77,7 +82,7 @@ class LocalHost(Host):
 def _copy_all(transfers: list[tuple[Path, Path]]) -> None:
     for src, dst in transfers:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.podq-tmp")
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.podq-tmp")  # unique: transfers may overlap
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)  # readers never see a half-written file
 

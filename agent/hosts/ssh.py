@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,7 @@ from agent.config import SSHHostConfig
 from agent.errors import (
     AuthFailed,
     ConnectionLost,
+    ErrorCode,
     HostError,
     HostKeyMismatch,
     HostKeyUnknown,
@@ -67,6 +69,7 @@ class SSHHost(Host):
         self._last_failure: _Failure | None = None
         self.connects = 0  # connections opened so far (visible in tests and `repr`)
         self.peak_channels = 0  # most channels seen open at once on one connection
+        self._forwards: dict[int, tuple[_Link, int]] = {}  # local port -> (link, port on the host)
 
     def __repr__(self) -> str:
         c = self.config
@@ -103,12 +106,28 @@ class SSHHost(Host):
         error = outcome.exception() if outcome is not None else None
         log.warning("ssh.retry", host=self.name, attempt=getattr(state, "attempt_number", None), error=str(error))
 
+    async def reach_local_port(self, port: int) -> int:
+        """Forward a port on the host's loopback back over the SSH connection (like `ssh -R 0:localhost:port`)."""
+        forward = self._forwards.get(port)
+        if forward is not None and forward[0].usable:
+            return forward[1]
+        link = await self._checkout()
+        try:
+            listener = await link.conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", port)
+        except (asyncssh.Error, OSError) as exc:
+            raise HostError(f"{self.name} refused to forward a port back to podq: {exc}",
+                            code=ErrorCode.HOST_UNREACHABLE) from exc
+        finally:
+            link.busy -= 1  # the forward lives on the connection, not on a channel
+        self._forwards[port] = (link, listener.get_port())
+        return listener.get_port()
+
     async def put_files(self, transfers: list[tuple[Path, str]]) -> None:
         async def put(sftp: asyncssh.SFTPClient) -> None:
             for src, dst in transfers:
                 parent = str(PurePosixPath(dst).parent)
                 await sftp.makedirs(parent, exist_ok=True)
-                tmp = f"{parent}/.{PurePosixPath(dst).name}.podq-tmp"
+                tmp = f"{parent}/.{PurePosixPath(dst).name}.{uuid.uuid4().hex[:8]}.podq-tmp"
                 await sftp.put(str(src), tmp)
                 await sftp.posix_rename(tmp, dst)  # readers never see a half-written file
 
@@ -118,7 +137,7 @@ class SSHHost(Host):
         async def get(sftp: asyncssh.SFTPClient) -> None:
             for src, dst in transfers:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dst.with_name(f".{dst.name}.podq-tmp")
+                tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.podq-tmp")
                 await sftp.get(src, str(tmp))
                 tmp.replace(dst)
 
@@ -168,6 +187,8 @@ class SSHHost(Host):
             raise HostUnreachable(
                 f"the SSH connection to {self.name} dropped before the command started: {exc}"
             ) from exc
+        if invocation.stdin is not None:
+            process.stdin.write(invocation.stdin)
         process.stdin.write_eof()
         return link, process
 

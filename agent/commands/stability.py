@@ -1,0 +1,316 @@
+"""Stability jobs: `stability_generate`, `character` (render then stylize) and `ai_render` (the AI Render
+addon's route, headless). All run podq's client (clients/stability_client.py) on the host; the API key reaches
+it on stdin, never in argv, and is scrubbed from everything podq writes."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import orjson
+
+from agent import artifacts
+from agent.blender.output import BlenderOutput
+from agent.blender.scripts import REMOTE_FOLDER, ScriptLibrary
+from agent.blender.sync import sync_folder, sync_scripts
+from agent.commands.base import CommandType, ExecContext, Outcome, Target, nonzero, relative_to_workspace
+from agent.commands.blender import PROGRESS_PER_S, BlenderRender, blender_argv
+from agent.errors import ErrorCode, PodqError, RequestError
+from agent.hosts.base import Completed, Invocation, LineHandler
+from agent.requests import (
+    AiRenderRequest,
+    BlenderRenderRequest,
+    CharacterRequest,
+    StabilityGenerateRequest,
+    StylizeParams,
+)
+from clients import stability_client
+
+CLIENTS = ScriptLibrary(Path(stability_client.__file__).parent)
+REMOTE_CLIENTS = "clients"
+AI_SCRIPT = "generate_ai_characters.py"
+OUTPUT_DIR = "output"
+_IMAGES = (".png", ".jpg", ".jpeg", ".webp")
+_PASSES = ("_depth", "_normal", "_mask")
+
+
+def check_stylize(params: StylizeParams, *, needs_prompt: bool = True) -> None:
+    """The client's own checks (cross-field and ranges), run at admission so nothing is spent on a bad request."""
+    data = params.model_dump(exclude_none=True)
+    if not needs_prompt and not data.get("prompt"):
+        data["prompt"] = "(from the scene)"
+    try:
+        stability_client.Params.from_dict(data).check()
+    except stability_client.StabilityError as exc:
+        raise RequestError(f"`stylize`: {exc.message}", code=ErrorCode.INVALID_REQUEST) from None
+
+
+def base_images(output: dict[str, Any] | None) -> list[str]:
+    """The base renders among a job's artifacts: images under renders/, control passes left out."""
+    paths = [a["path"] for a in (output or {}).get("artifacts", [])]
+    return [p for p in paths if p.startswith("renders/") and PurePosixPath(p).suffix.lower() in _IMAGES
+            and not PurePosixPath(p).stem.endswith(_PASSES)]
+
+
+class _Runner:
+    """Runs a command on the host while reading podq's markers from its output into progress."""
+
+    def __init__(self, ctx: ExecContext, stage: str) -> None:
+        self.ctx = ctx
+        self.stage = stage
+        self.reader = BlenderOutput()
+        self._last = 0.0
+
+    def on_line(self, stream: str, line: str) -> None:
+        update = self.reader.feed(line)
+        now = time.monotonic()
+        if update is not None and ("saved" in update or "variant" in update or now - self._last >= 1 / PROGRESS_PER_S):
+            self._last = now
+            self.ctx.progress({**update, "stage": self.stage})
+
+    async def run(self, invocation: Invocation) -> Completed:
+        handler: LineHandler = self.on_line
+        return await self.ctx.host.run(invocation, handler)
+
+
+async def _access(ctx: ExecContext) -> tuple[str, str, bool]:
+    """Base URL as the host must use it, the key, and whether it is podq's emulator."""
+    access = ctx.stability
+    if access is None:
+        raise PodqError(
+            "no Stability API key: set STABILITY_API_KEY in the daemon's environment or `[stability] "
+            "api_key_file`, or allow the offline emulator (`[stability] emulator = \"auto\"`)",
+            code=ErrorCode.AUTH,
+        )
+    if access.emulated and access.local_port is not None:
+        port = await ctx.host.reach_local_port(access.local_port)
+        return f"http://127.0.0.1:{port}", access.key, True
+    return access.base_url, access.key, False
+
+
+def _client_options(ctx: ExecContext) -> list[str]:
+    s = ctx.stability_settings
+    if s is None:
+        return []
+    return ["--attempts", str(s.attempts), "--backoff-s", f"{s.backoff_s:g}",
+            "--rate-limit-wait-s", f"{s.rate_limit_wait_s:g}"]
+
+
+async def _stylize(ctx: ExecContext, params: StylizeParams, inputs: list[str], timeout_s: float) -> _Result:
+    await sync_folder(ctx.host, CLIENTS, f"{ctx.host.workspace}/{REMOTE_CLIENTS}")
+    base_url, key, emulated = await _access(ctx)
+    ws = ctx.host.workspace
+    data = {**params.model_dump(exclude_none=True), "emulated": emulated}
+    argv = [ctx.target.python, f"{ws}/{REMOTE_CLIENTS}/stability_client.py", "--params-json", json.dumps(data)]
+    for path in inputs:
+        argv += ["--input", path]
+    argv += ["--out-dir", OUTPUT_DIR, "--workspace", ws, "--base-url", base_url, "--api-key-stdin",
+             *_client_options(ctx)]
+    runner = _Runner(ctx, "stylize")
+    completed = await runner.run(Invocation(tuple(argv), timeout_s, stdin=f"{key}\n".encode()))
+    return _Result(completed, runner.reader, emulated)
+
+
+class _Result:
+    def __init__(self, completed: Completed, reader: BlenderOutput, emulated: bool) -> None:
+        self.completed = completed
+        self.reader = reader
+        self.emulated = emulated
+
+    @property
+    def ran(self) -> bool:
+        return self.completed.exit_code is not None and not self.completed.timed_out
+
+    def failure(self, output: dict[str, Any]) -> Outcome:
+        if self.reader.error is not None:
+            code, message = self.reader.error
+            known = {c.value for c in ErrorCode}
+            return Outcome(output=output, error_code=ErrorCode(code) if code in known else ErrorCode.NONZERO_EXIT,
+                           error_message=message)
+        outcome = nonzero(self.completed)
+        if self.reader.last_exception:
+            return Outcome(output=output, error_code=outcome.error_code,
+                           error_message=f"failed: {self.reader.last_exception} (the traceback is in `stderr`)")
+        if "No module named" in self.completed.stderr.decode(errors="replace"):
+            return Outcome(output=output, error_code=outcome.error_code, error_message=(
+                f"{outcome.error_message}: the client needs httpx and Pillow on the host "
+                "(`pip install httpx pillow` for the Python that `[stability] python` names)"))
+        return Outcome(output=output, error_code=outcome.error_code, error_message=outcome.error_message)
+
+
+async def _deliver(ctx: ExecContext, paths: list[str], download: bool) -> list[dict[str, Any]]:
+    made, problems = await artifacts.describe(ctx.host, paths)
+    if problems:
+        listed = "; ".join(f"{p} {why}" for p, why in problems.items())
+        raise PodqError(f"output files podq cannot deliver: {listed}", code=ErrorCode.NOT_FOUND)
+    if download:
+        made = await artifacts.download(ctx.host, made, ctx.artifacts_dir / ctx.request_id)
+    return [a.model_dump(exclude_none=True) for a in made]
+
+
+def _filtered(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [v for v in variants if v.get("finish_reason") == "CONTENT_FILTERED"]
+
+
+def _finish(output: dict[str, Any], variants: list[dict[str, Any]]) -> Outcome:
+    """CONTENT_FILTERED images come back as HTTP 200 with a blurred picture: never a clean success."""
+    filtered = _filtered(variants)
+    if filtered:
+        names = ", ".join(v["image"] for v in filtered)
+        return Outcome(output=output, error_code=ErrorCode.CONTENT_FILTERED, keep_stdout=False, error_message=(
+            f"{len(filtered)} of {len(variants)} image(s) came back CONTENT_FILTERED (blurred by the API's "
+            f"moderation): {names}; change the prompt or input"))
+    return Outcome(output=output, keep_stdout=False)
+
+
+class StabilityGenerate(CommandType[StabilityGenerateRequest]):
+    name = "stability_generate"
+
+    def plan(self, request: StabilityGenerateRequest, target: Target) -> Invocation:
+        check_stylize(request.stylize)
+        for path in request.inputs or []:
+            relative_to_workspace(path, target.workspace)
+        needs_image = stability_client.ENDPOINTS[request.stylize.endpoint].image == "required"
+        if needs_image and request.inputs is None and request.from_job is None:
+            raise RequestError(f"endpoint {request.stylize.endpoint} needs input images: give `inputs` or `from_job`")
+        # The argv is built when it runs: inputs may come from another job, and the emulator's address too.
+        return Invocation(("true",), request.effective_timeout_s)
+
+    async def execute(
+        self, request: StabilityGenerateRequest, invocation: Invocation, ctx: ExecContext
+    ) -> tuple[Completed, Outcome]:
+        if request.from_job is not None:
+            inputs = base_images(ctx.job_output(request.from_job))
+            if not inputs:
+                return Completed(0, b"", b"", 1), Outcome(error_code=ErrorCode.NOT_FOUND, error_message=(
+                    f"job {request.from_job!r} has no succeeded base renders to stylize (images under renders/)"))
+        else:
+            inputs = [relative_to_workspace(p, ctx.host.workspace) for p in request.inputs or []]
+        result = await _stylize(ctx, request.stylize, inputs, invocation.timeout_s)
+        output: dict[str, Any] = {"endpoint": request.stylize.endpoint, "emulated": result.emulated,
+                                  "api_attempts": result.reader.api_attempts, "variants": result.reader.variants}
+        if not result.ran:
+            return result.completed, Outcome(output=output)
+        if result.completed.exit_code != 0:
+            return result.completed, result.failure(output)
+        output["artifacts"] = await _deliver(ctx, result.reader.outputs, request.download)
+        return result.completed, _finish(output, result.reader.variants)
+
+
+class Character(CommandType[CharacterRequest]):
+    """Render, then stylize every base render, then one manifest linking it all."""
+
+    name = "character"
+
+    def _render_request(self, request: CharacterRequest) -> BlenderRenderRequest:
+        return BlenderRenderRequest(type="blender_render", id=request.id, host=request.host,
+                                    script=request.render.script, args=request.render.args,
+                                    timeout_s=request.timeout_s)
+
+    def plan(self, request: CharacterRequest, target: Target) -> Invocation:
+        check_stylize(request.stylize)
+        invocation = BlenderRender().plan(self._render_request(request), target)
+        return Invocation(invocation.argv, request.effective_timeout_s)
+
+    async def execute(
+        self, request: CharacterRequest, invocation: Invocation, ctx: ExecContext
+    ) -> tuple[Completed, Outcome]:
+        completed, rendered = await BlenderRender().execute(self._render_request(request), invocation, ctx)
+        if completed.exit_code != 0 or rendered.error_code is not None or completed.timed_out:
+            return completed, Outcome(output={"stage": "render", **(rendered.output or {})},
+                                      error_code=rendered.error_code, error_message=rendered.error_message)
+        render_artifacts = (rendered.output or {}).get("artifacts", [])
+        bases = base_images(rendered.output)
+        result = await _stylize(ctx, request.stylize, bases, invocation.timeout_s)
+        output: dict[str, Any] = {"emulated": result.emulated, "api_attempts": result.reader.api_attempts,
+                                  "script": request.render.script,
+                                  "script_sha256": (rendered.output or {}).get("script_sha256"),
+                                  "variants": result.reader.variants}
+        if not result.ran:
+            return result.completed, Outcome(output=output)
+        if result.completed.exit_code != 0:
+            return result.completed, result.failure({"stage": "stylize", **output})
+        manifest = self._manifest(request, ctx, render_artifacts, bases, result)
+        manifest_path = await self._upload_manifest(ctx, manifest)
+        paths = [a["path"] for a in render_artifacts] + result.reader.outputs + [manifest_path]
+        output["manifest"] = manifest_path
+        output["artifacts"] = await _deliver(ctx, paths, request.download)
+        return result.completed, _finish(output, result.reader.variants)
+
+    def _manifest(self, request: CharacterRequest, ctx: ExecContext, render_artifacts: list[dict[str, Any]],
+                  bases: list[str], result: _Result) -> dict[str, Any]:
+        by_path = {a["path"]: a for a in render_artifacts}
+        linked = []
+        for base in bases:
+            stem = PurePosixPath(base).with_suffix("")
+            sidecar = f"{stem}.json"
+            linked.append({
+                "path": base, "sha256": by_path[base]["sha256"],
+                "sidecar": sidecar if sidecar in by_path else None,
+                "sidecar_sha256": by_path.get(sidecar, {}).get("sha256"),
+                "passes": [p for p in by_path if p.startswith(f"{stem}_") and p.endswith(_IMAGES)],
+                "variants": [v for v in result.reader.variants if v.get("input") == base],
+            })
+        return {
+            "id": ctx.request_id, "kind": "podq.character", "emulated": result.emulated,
+            "scene": {"script": request.render.script, "args": request.render.args},
+            "stylize": request.stylize.model_dump(exclude_none=True),
+            "base_renders": linked,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    async def _upload_manifest(self, ctx: ExecContext, manifest: dict[str, Any]) -> str:
+        relative = f"{OUTPUT_DIR}/character_{ctx.request_id}.json"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "manifest.json"
+            local.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+            await ctx.host.put_files([(local, f"{ctx.host.workspace}/{relative}")])
+        return relative
+
+
+class AiRender(CommandType[AiRenderRequest]):
+    """blender_scripts/generate_ai_characters.py in headless Blender, which calls the same client."""
+
+    name = "ai_render"
+
+    def plan(self, request: AiRenderRequest, target: Target) -> Invocation:
+        check_stylize(request.stylize, needs_prompt=False)
+        if request.blend is not None:
+            relative_to_workspace(request.blend, target.workspace)
+            if not request.blend.endswith(".blend"):
+                raise RequestError("`blend` must be a .blend file under the workspace")
+        if target.scripts is None or AI_SCRIPT not in target.scripts.files():
+            raise RequestError(f"{AI_SCRIPT} is not in the scripts folder", code=ErrorCode.NOT_ALLOWED)
+        return Invocation(("true",), request.effective_timeout_s)
+
+    async def execute(
+        self, request: AiRenderRequest, invocation: Invocation, ctx: ExecContext
+    ) -> tuple[Completed, Outcome]:
+        synced = await sync_scripts(ctx.host, ctx.scripts)
+        await sync_folder(ctx.host, CLIENTS, f"{ctx.host.workspace}/{REMOTE_CLIENTS}")
+        base_url, key, emulated = await _access(ctx)
+        ws = ctx.host.workspace
+        args = {
+            "workspace": ws, "blend": relative_to_workspace(request.blend, ws) if request.blend else None,
+            # Only what the request set: the rest comes from the scene's AI Render settings, when it has them.
+            "stylize": request.stylize.model_dump(exclude_unset=True, exclude_none=True),
+            "python": ctx.target.python, "client": f"{ws}/{REMOTE_CLIENTS}/stability_client.py",
+            "base_url": base_url, "out_dir": OUTPUT_DIR, "emulated": emulated,
+            "client_options": _client_options(ctx),
+        }
+        argv = blender_argv(ctx.target.blender, f"{ws}/{REMOTE_FOLDER}/{AI_SCRIPT}", json.dumps(args))
+        runner = _Runner(ctx, "ai_render")
+        completed = await runner.run(Invocation(argv, invocation.timeout_s, stdin=f"{key}\n".encode()))
+        result = _Result(completed, runner.reader, emulated)
+        output: dict[str, Any] = {"emulated": emulated, "script": AI_SCRIPT,
+                                  "script_sha256": synced.hashes.get(AI_SCRIPT), **runner.reader.info,
+                                  "api_attempts": runner.reader.api_attempts, "variants": runner.reader.variants}
+        if not result.ran:
+            return completed, Outcome(output=output)
+        if completed.exit_code != 0:
+            return completed, result.failure(output)
+        output["artifacts"] = await _deliver(ctx, runner.reader.outputs, request.download)
+        return completed, _finish(output, runner.reader.variants)

@@ -1,0 +1,1 @@
+"""Clients podq runs on hosts (each file also works on its own there, as a script)."""
