@@ -58,14 +58,17 @@ def base_images(output: dict[str, Any] | None) -> list[str]:
 class _Runner:
     """Runs a command on the host while reading podq's markers from its output into progress."""
 
-    def __init__(self, ctx: ExecContext, stage: str) -> None:
+    def __init__(self, ctx: ExecContext, stage: str, expected_variants: int | None = None) -> None:
         self.ctx = ctx
         self.stage = stage
+        self.expected = expected_variants
         self.reader = BlenderOutput()
         self._last = 0.0
 
     def on_line(self, stream: str, line: str) -> None:
         update = self.reader.feed(line)
+        if update is not None and "variant" in update and self.expected:
+            update["fraction"] = round(min(1.0, len(self.reader.variants) / self.expected), 4)
         now = time.monotonic()
         if update is not None and ("saved" in update or "variant" in update or now - self._last >= 1 / PROGRESS_PER_S):
             self._last = now
@@ -109,7 +112,7 @@ async def _stylize(ctx: ExecContext, params: StylizeParams, inputs: list[str], t
         argv += ["--input", path]
     argv += ["--out-dir", OUTPUT_DIR, "--workspace", ws, "--base-url", base_url, "--api-key-stdin",
              *_client_options(ctx)]
-    runner = _Runner(ctx, "stylize")
+    runner = _Runner(ctx, "stylize", expected_variants=max(len(inputs), 1) * params.variants)
     completed = await runner.run(Invocation(tuple(argv), timeout_s, stdin=f"{key}\n".encode()))
     return _Result(completed, runner.reader, emulated)
 
@@ -302,7 +305,7 @@ class AiRender(CommandType[AiRenderRequest]):
             "client_options": _client_options(ctx),
         }
         argv = blender_argv(ctx.target.blender, f"{ws}/{REMOTE_FOLDER}/{AI_SCRIPT}", json.dumps(args))
-        runner = _Runner(ctx, "ai_render")
+        runner = _Runner(ctx, "ai_render", expected_variants=request.stylize.variants)
         completed = await runner.run(Invocation(argv, invocation.timeout_s, stdin=f"{key}\n".encode()))
         result = _Result(completed, runner.reader, emulated)
         output: dict[str, Any] = {"emulated": emulated, "script": AI_SCRIPT,
