@@ -364,3 +364,28 @@ def test_ai_render_with_and_without_ai_render_settings(make_config: Callable[...
     assert results["last"].event == Event.SUCCEEDED, results["last"]
     assert (results["last"].output or {})["input"].startswith("renders/ai_base_")
     assert os.environ.get("STABILITY_API_KEY") is None
+
+
+def test_a_registered_key_is_scrubbed_from_tracebacks_logs_and_result_lines(tmp_path: Path) -> None:
+    import structlog
+
+    from agent import secrets
+    from agent.journal import ResultsJournal
+    from agent.results import ResultLine, now
+
+    secret = "sk-scrub-me-0123456789abcdef"
+    secrets.register(secret)
+    logs.configure(tmp_path / "podq.log")
+    try:
+        raise RuntimeError(f"the client crashed holding {secret}")
+    except RuntimeError:
+        structlog.get_logger("test").exception("client.crashed", detail=f"key={secret}")
+    logs.configure(None)
+    logged = (tmp_path / "podq.log").read_text()
+    assert "RuntimeError" in logged and "[redacted]" in logged and secret not in logged
+
+    journal = ResultsJournal(tmp_path / "results.jsonl")
+    journal.append(ResultLine(id="x", event=Event.FAILED, ts=now(), type="ping", host="h",
+                              stderr=f"Traceback ...\nValueError: bad key {secret}\n"))
+    journal.close()
+    assert secret not in (tmp_path / "results.jsonl").read_text()

@@ -78,18 +78,21 @@ class SSHHost(Host):
             f"running={self.running} connects={self.connects}>"
         )
 
-    async def run(self, invocation: Invocation, on_line: LineHandler | None = None) -> Completed:
-        attempts = 0
+    def _retrying(self) -> AsyncRetrying:
+        """Back-off for failures before anything ran on the host (connect, channel open): never after."""
         retry = self.config.retry
-        retrying = AsyncRetrying(
+        return AsyncRetrying(
             stop=stop_after_attempt(retry.attempts),
             wait=wait_exponential_jitter(multiplier=retry.initial_s, max=retry.max_s, jitter=retry.initial_s),
             retry=retry_if_exception_type(HostUnreachable),
             reraise=True,
             before_sleep=self._log_retry,
         )
+
+    async def run(self, invocation: Invocation, on_line: LineHandler | None = None) -> Completed:
+        attempts = 0
         try:
-            async for attempt in retrying:
+            async for attempt in self._retrying():
                 with attempt:
                     attempts += 1
                     link, process = await self._open_channel(invocation)
@@ -145,13 +148,7 @@ class SSHHost(Host):
 
     async def _with_sftp(self, work: Callable[[asyncssh.SFTPClient], Awaitable[None]], what: str) -> None:
         """Run `work` in one SFTP session, which takes a channel of the connection like a command does."""
-        retry = self.config.retry
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(retry.attempts),
-            wait=wait_exponential_jitter(multiplier=retry.initial_s, max=retry.max_s, jitter=retry.initial_s),
-            retry=retry_if_exception_type(HostUnreachable), reraise=True, before_sleep=self._log_retry,
-        )
-        async for attempt in retrying:
+        async for attempt in self._retrying():
             with attempt:
                 link = await self._checkout()
                 try:
