@@ -16,10 +16,11 @@ import orjson
 from agent import __version__, admission, constants, logs, render
 from agent import config as config_mod
 from agent.config import Config, SSHHostConfig
-from agent.daemon import LOG_FILE, STATE_FILE, BackgroundDaemon, Daemon, QueueLock
+from agent.daemon import LOG_FILE, STATE_FILE, BackgroundDaemon, Daemon
 from agent.errors import ConfigError, ErrorCode, PodqError, QueueBusy, RequestError
 from agent.hosts import known_hosts
 from agent.journal import result_lines
+from agent.lock import QueueLock
 from agent.requests import REQUEST_ADAPTER, REQUEST_TYPES, decode_line, request_schema
 from agent.results import Event, ResultLine
 from agent.state import StateStore

@@ -7,13 +7,11 @@ protocol lives in `state.py`; this module follows it: claim a line, then write; 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,10 +23,11 @@ from agent.blender.scripts import ScriptLibrary
 from agent.commands import ExecContext, Outcome, command_for, plan
 from agent.commands.base import text
 from agent.config import Config
-from agent.errors import ErrorCode, PodqError, QueueBusy, RequestError
+from agent.errors import ErrorCode, PodqError, RequestError
 from agent.hosts import Host, Invocation, make_host
 from agent.hosts.base import Completed
 from agent.journal import RawLine, RequestsReader, ResultsJournal, result_lines
+from agent.lock import QueueLock
 from agent.requests import REQUEST_ADAPTER, Request, auto_id, decode_line, readable_id
 from agent.results import ErrorInfo, Event, ResultLine, Truncated, now
 from agent.stability.access import StabilityAccess, emulator_key, load_key
@@ -39,7 +38,6 @@ from agent.watch import FileWatcher
 log = structlog.get_logger("podq.daemon")
 
 STATE_FILE = "podq.sqlite3"
-LOCK_FILE = ".podq.lock"
 LOG_FILE = "podq.log"
 
 # Intake yields to running jobs after this many lines, so a burst of appends never starves them.
@@ -64,50 +62,6 @@ class Job:
     def line(self, event: Event, **fields: Any) -> ResultLine:
         return ResultLine(id=self.id, event=event, ts=now(), type=self.request.type, host=self.host.name,
                           meta=self.meta, **fields)
-
-
-class QueueLock:
-    """Only one daemon serves a queue folder: an exclusive flock held for the daemon's life."""
-
-    def __init__(self, queue_dir: Path) -> None:
-        self.path = queue_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def __enter__(self) -> QueueLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise QueueBusy(
-                f"another podq daemon (pid {holder}) already serves {self.path.parent}: stop it first, or "
-                "point this one at another [queue] dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
-
-    @staticmethod
-    def is_held(queue_dir: Path) -> bool:
-        """Whether a daemon is serving `queue_dir` right now."""
-        path = queue_dir / LOCK_FILE
-        if not path.exists():
-            return False
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
 
 
 class Daemon:
