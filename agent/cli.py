@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("type", nargs="?", choices=REQUEST_TYPES, metavar="TYPE",
                    help=f"request type: {', '.join(REQUEST_TYPES)}")
     p.add_argument("--json", dest="json_text", metavar="JSON", help="the whole request as a JSON object")
+    p.add_argument("--id", dest="request_id", metavar="ID", help="the request's id (default: one podq makes)")
+    p.add_argument("--host", dest="request_host", metavar="HOST", help="the host to run on (from podq.toml)")
     p.add_argument("--wait", action="store_true", help="follow the results until the request finishes")
     p.add_argument("--wait-timeout", type=float, metavar="S",
                    help="wait (implies --wait) at most S seconds; the request stays queued after that")
@@ -130,13 +132,16 @@ def _parser() -> argparse.ArgumentParser:
                        "real API) on loopback until stopped",
                        description="An emulator of the Stability AI REST API for tests and dry runs: same paths, "
                        "fields, validation, headers and errors; images derived from the input. Prints its base "
-                       "URL; point `[stability] base_url` at it.")
-    p.add_argument("--host", default="127.0.0.1")
+                       "URL. To use it from a daemon: `[stability] base_url` = that URL, `emulator = \"never\"`, "
+                       "and any key in STABILITY_API_KEY (it accepts every non-empty key). (With no key and "
+                       "`emulator = \"auto\"`, the daemon starts an emulator of its own instead.)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.set_defaults(handler=cmd_stability_emulator)
 
-    p = sub.add_parser("demo", help="start a daemon, run one request of each inspection type on the first "
-                       "host, print the results, stop (uses ./podq.toml, else ./queue and ./workspace)")
+    p = sub.add_parser("demo", help="start a daemon, run one request of each inspection type and a `character` "
+                       "job (render, stylize, manifest) on the first host, print the results, stop (uses "
+                       "./podq.toml, else ./queue, ./workspace and ./artifacts)")
     p.set_defaults(handler=cmd_demo)
     return parser
 
@@ -225,9 +230,10 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if args.type or args.extra:
             raise ValueError("give either --json or TYPE with --FIELD VALUE options, not both")
         try:
-            return decode_line(args.json_text.encode())
+            whole = decode_line(args.json_text.encode())
         except RequestError as exc:
             raise ValueError(exc.message) from None
+        return _with_id_and_host(whole, args)
     if args.type is None:
         raise ValueError("give a request TYPE (one of " + ", ".join(REQUEST_TYPES) + ") or --json")
     data: dict[str, Any] = {"type": args.type}
@@ -243,21 +249,48 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 raise ValueError(f"--{name} needs a value")
             value = tokens.pop(0)
         name = name.replace("-", "_")
-        data[name] = value if name in string_fields else _json_or_text(value)
+        if name in string_fields:
+            data[name] = value
+        else:
+            decoded = _json_or_text(value)
+            if isinstance(decoded, str) and name in _json_fields(args.type):
+                raise ValueError(f"--{name.replace('_', '-')} takes JSON, e.g. --{name.replace('_', '-')} "
+                                 "'{\"key\": \"value\"}'")
+            data[name] = decoded
+    return _with_id_and_host(data, args)
+
+
+def _with_id_and_host(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    if args.request_id is not None:
+        data["id"] = args.request_id
+    if args.request_host is not None:
+        data["host"] = args.request_host
     return data
+
+
+def _json_fields(kind: str) -> set[str]:
+    """Fields that take a JSON object or array (`--args '{...}'`)."""
+    props = _type_properties(kind)
+    return {name for name, prop in props.items()
+            if prop.get("type") in ("object", "array") or "$ref" in prop
+            or any(a.get("type") in ("object", "array") or "$ref" in a for a in prop.get("anyOf", []))}
+
+
+def _type_properties(kind: str) -> dict[str, Any]:
+    schema = REQUEST_ADAPTER.json_schema()
+    for definition in schema.get("$defs", {}).values():
+        props: dict[str, Any] = definition.get("properties", {})
+        if props.get("type", {}).get("const") == kind:
+            return props
+    return {}
 
 
 def _string_fields(kind: str) -> set[str]:
     """Fields whose value is text, so `--path 123` stays the string "123"."""
-    schema = REQUEST_ADAPTER.json_schema()
-    for definition in schema.get("$defs", {}).values():
-        props = definition.get("properties", {})
-        if props.get("type", {}).get("const") == kind:
-            return {
-                name for name, prop in props.items()
-                if prop.get("type") == "string" or any(a.get("type") == "string" for a in prop.get("anyOf", []))
-            }
-    return set()
+    return {
+        name for name, prop in _type_properties(kind).items()
+        if prop.get("type") == "string" or any(a.get("type") == "string" for a in prop.get("anyOf", []))
+    }
 
 
 def _json_or_text(value: str) -> Any:

@@ -182,7 +182,8 @@ binary = "blender"            # per host: `blender_binary = "/opt/blender/blende
 base_url = "https://api.stability.ai"
 # The API key: the daemon's STABILITY_API_KEY environment variable, or a file (mode 0600) named here.
 # api_key_file = "~/.config/podq/stability.key"
-emulator = "auto"             # no key: use podq's offline emulator (results say "emulated": true); "never" to fail
+emulator = "auto"             # no key: podq's offline emulator ("emulated": true); "never": fail;
+                              # "always": the emulator even with a key
 # python = "python3"          # runs podq's client on a host (needs httpx, Pillow); default: podq's own Python
                               # on a local host, python3 over SSH; per host: `python_binary`
 

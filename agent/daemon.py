@@ -347,6 +347,9 @@ class Daemon:
                          output=outcome.output,
                          error=ErrorInfo(code=outcome.error_code, message=outcome.error_message or ""))
             return
+        if not outcome.command_ran:
+            self._finish(job, Event.SUCCEEDED, started, attempts=completed.attempts, output=outcome.output)
+            return
         self._finish(job, Event.SUCCEEDED, started, **common,
                      **_streams(completed, keep_stdout=outcome.keep_stdout), output=outcome.output)
 
@@ -354,21 +357,24 @@ class Daemon:
         duration = round(time.monotonic() - started, 3)
         fields.setdefault("attempts", 1)
         output = fields.get("output")
-        self._write(job.seq, job.line(event, duration_s=duration, **fields), duration_s=duration,
-                    output=orjson.dumps(output) if output is not None else None)
-        self.finished += 1
         error = fields.get("error")
+        self._write(job.seq, job.line(event, duration_s=duration, **fields), duration_s=duration,
+                    output=orjson.dumps(output) if output is not None else None,
+                    error_code=error.code.value if error else None)
+        self.finished += 1
         log.info("request.finished", id=job.id, type=job.request.type, host=job.host.name, outcome=event.value,
                  duration_s=duration, code=error.code.value if error else None)
 
     # -- the journal ----------------------------------------------------------------------------------------
 
     def _write(
-        self, seq: int, line: ResultLine, *, duration_s: float | None = None, output: bytes | None = None
+        self, seq: int, line: ResultLine, *, duration_s: float | None = None, output: bytes | None = None,
+        error_code: str | None = None,
     ) -> None:
         """Append the line, then commit that it is there (the order recovery relies on)."""
         end = self.journal.append(line)
-        self.state.mark(seq, line.event.value, results_offset=end, duration_s=duration_s, output=output)
+        self.state.mark(seq, line.event.value, results_offset=end, duration_s=duration_s, output=output,
+                        error_code=error_code or (line.error.code.value if line.error else None))
 
     def _recover(self) -> None:
         """Bring state up to what results.jsonl shows, then finish what a crash or stop left open."""

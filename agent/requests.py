@@ -216,6 +216,12 @@ class CharacterRequest(_RequestBase):
     default_timeout_s: ClassVar[float] = 2400.0
 
 
+class AiRenderStylize(StylizeParams):
+    """As StylizeParams, but AI Render's endpoint (SDXL 1.0 image-to-image) by default."""
+
+    endpoint: Endpoint = "sdxl/image-to-image"
+
+
 class AiRenderRequest(_RequestBase):
     """The AI Render addon route, headless: a .blend (or the last render) through
     blender_scripts/generate_ai_characters.py, which reads the addon's scene settings when present and calls
@@ -223,7 +229,7 @@ class AiRenderRequest(_RequestBase):
 
     type: Literal["ai_render"]
     blend: WorkspacePath | None = Field(None, description="a .blend under the workspace; absent: the last render")
-    stylize: StylizeParams = Field(default_factory=lambda: StylizeParams(endpoint="sdxl/image-to-image"))
+    stylize: AiRenderStylize = Field(default_factory=AiRenderStylize)
     download: bool = False
     default_timeout_s: ClassVar[float] = 1800.0
 
@@ -318,6 +324,8 @@ def parse_line(line: bytes) -> Request:
 _PATTERN_HINTS = {
     "id": "use 1-128 letters, digits or . _ : - (starting with a letter or digit)",
     "host": "use a host name from podq.toml (letters, digits, . _ -)",
+    "script": "use a file name from the scripts folder, e.g. make_base_scene.py (no folders, no `..`)",
+    "render.script": "use a file name from the scripts folder, e.g. make_base_scene.py (no folders, no `..`)",
 }
 
 

@@ -173,14 +173,14 @@ class StateStore:
 
     def mark(
         self, seq: int, state: str, *, results_offset: int, duration_s: float | None = None,
-        output: bytes | None = None,
+        output: bytes | None = None, error_code: str | None = None,
     ) -> None:
         """Record that `state`'s line is in results.jsonl, which now ends at `results_offset`."""
         with self._transaction():
             self._db.execute(
                 "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s),"
-                " output = COALESCE(?, output) WHERE seq = ?",
-                (state, now(), duration_s, output, seq),
+                " output = COALESCE(?, output), error_code = COALESCE(?, error_code) WHERE seq = ?",
+                (state, now(), duration_s, output, error_code, seq),
             )
             self._db.execute("UPDATE cursor SET results_checkpoint = ?", (results_offset,))
 
@@ -201,10 +201,11 @@ class StateStore:
         if row is None or _rank(line.event.value) <= _rank(row["state"]):
             return
         output = orjson.dumps(line.output) if line.output is not None else None
+        error_code = line.error.code.value if line.error else None
         self._db.execute(
             "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s),"
-            " output = COALESCE(?, output) WHERE seq = ?",
-            (line.event.value, line.ts, line.duration_s, output, row["seq"]),
+            " output = COALESCE(?, output), error_code = COALESCE(?, error_code) WHERE seq = ?",
+            (line.event.value, line.ts, line.duration_s, output, error_code, row["seq"]),
         )
 
     def unfinished(self) -> list[Row]:

@@ -52,8 +52,9 @@ class FileWatcher:
         self._observer.start()
 
     def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
+        if self._observer.is_alive():  # start() may never have run (a failure earlier in start-up)
+            self._observer.stop()
+            self._observer.join(timeout=5)
 
 
 class ChangeSignal:

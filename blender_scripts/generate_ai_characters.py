@@ -129,8 +129,8 @@ def render_scene(scene, workspace):
     if scene.camera is None:
         raise base.RequestError("invalid_request", "the .blend's scene has no camera to render from")
     folder = base.renders_dir(workspace)
-    name = base.next_free_names(folder, 1)[0]
-    path = os.path.join(folder, f"ai_{name}.png")
+    name = base.next_free_names(folder, 1, prefix="ai_base_")[0]
+    path = os.path.join(folder, f"{name}.png")
     scene.render.image_settings.file_format = "PNG"
     if scene.render.engine == "CYCLES":
         # The .blend was saved elsewhere: use this host's best device, and denoise only where a denoiser exists.
@@ -139,6 +139,7 @@ def render_scene(scene, workspace):
             base.configure_denoise(scene, device)
         base.emit("DEVICE", json.dumps(device))
     base.render_still(scene, path)
+    os.remove(os.path.join(folder, f"{name}.json"))  # the name's reservation: this route writes no sidecar
     base.emit("OUTPUT", path)
     return path
 

@@ -258,16 +258,29 @@ def renders_dir(workspace):
     return folder
 
 
-def next_free_names(folder, count):
-    """`count` consecutive names base_NNNN after the highest number already used in `folder`
-    (by an image, a pass image or a sidecar)."""
-    used = re.compile(r"^base_(\d{4,})(?:_[A-Za-z0-9_-]+)?\.(?:png|json)$")
-    highest = 0
-    for entry in os.listdir(folder):
-        match = used.match(entry)
-        if match:
-            highest = max(highest, int(match.group(1)))
-    return [f"base_{number:04d}" for number in range(highest + 1, highest + 1 + count)]
+def next_free_names(folder, count, prefix="base_"):
+    """`count` consecutive names base_NNNN after the highest number used in `folder` (by an image, a pass
+    image, a sidecar or a reservation), each reserved so that renders running at the same time on this host
+    never pick the same number: a `<name>.json` is created exclusively, and the sidecar later replaces it."""
+    used = re.compile(r"^" + re.escape(prefix) + r"(\d{4,})(?:_[A-Za-z0-9_-]+)?\.(?:png|json)$")
+    while True:
+        highest = 0
+        for entry in os.listdir(folder):
+            match = used.match(entry)
+            if match:
+                highest = max(highest, int(match.group(1)))
+        names = [f"{prefix}{number:04d}" for number in range(highest + 1, highest + 1 + count)]
+        reserved = []
+        try:
+            for name in names:
+                fd = os.open(os.path.join(folder, name + ".json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.write(fd, b'{"status": "rendering"}\n')  # what is left if the render fails
+                os.close(fd)
+                reserved.append(name)
+            return names
+        except FileExistsError:  # another render took one of them first: release ours and look again
+            for name in reserved:
+                os.remove(os.path.join(folder, name + ".json"))
 
 
 def write_sidecar(path, record):

@@ -76,19 +76,29 @@ class Endpoint:
     image: str  # "required", "optional" or "none"
     model: str
     json_body: bool = False
+    # Parameters this endpoint takes besides those every endpoint takes (prompt, negative_prompt, style_preset,
+    # seed, variants, accept): one it does not take is refused, never silently dropped.
+    takes: tuple[str, ...] = ()
 
 
 ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (
     Endpoint("sdxl/image-to-image", "/v1/generation/stable-diffusion-xl-1024-v1-0/image-to-image", 1, "required",
-             "stable-diffusion-xl-1024-v1-0"),
+             "stable-diffusion-xl-1024-v1-0", takes=("strength", "cfg_scale", "steps", "sampler")),
     Endpoint("sdxl/text-to-image", "/v1/generation/stable-diffusion-xl-1024-v1-0/text-to-image", 1, "none",
-             "stable-diffusion-xl-1024-v1-0", json_body=True),
-    Endpoint("control/structure", "/v2beta/stable-image/control/structure", 2, "required", "stable-image-control"),
-    Endpoint("control/sketch", "/v2beta/stable-image/control/sketch", 2, "required", "stable-image-control"),
-    Endpoint("control/style", "/v2beta/stable-image/control/style", 2, "required", "stable-image-control"),
-    Endpoint("generate/sd3", "/v2beta/stable-image/generate/sd3", 2, "optional", "sd3.5-large"),
-    Endpoint("generate/core", "/v2beta/stable-image/generate/core", 2, "none", "stable-image-core"),
-    Endpoint("generate/ultra", "/v2beta/stable-image/generate/ultra", 2, "optional", "stable-image-ultra"),
+             "stable-diffusion-xl-1024-v1-0", json_body=True,
+             takes=("cfg_scale", "steps", "sampler", "width", "height")),
+    Endpoint("control/structure", "/v2beta/stable-image/control/structure", 2, "required", "stable-image-control",
+             takes=("control_strength", "output_format")),
+    Endpoint("control/sketch", "/v2beta/stable-image/control/sketch", 2, "required", "stable-image-control",
+             takes=("control_strength", "output_format")),
+    Endpoint("control/style", "/v2beta/stable-image/control/style", 2, "required", "stable-image-control",
+             takes=("fidelity", "aspect_ratio", "output_format")),
+    Endpoint("generate/sd3", "/v2beta/stable-image/generate/sd3", 2, "optional", "sd3.5-large",
+             takes=("strength", "model", "cfg_scale", "aspect_ratio", "output_format")),
+    Endpoint("generate/core", "/v2beta/stable-image/generate/core", 2, "none", "stable-image-core",
+             takes=("aspect_ratio", "output_format")),
+    Endpoint("generate/ultra", "/v2beta/stable-image/generate/ultra", 2, "optional", "stable-image-ultra",
+             takes=("strength", "aspect_ratio", "output_format")),
 )}
 
 
@@ -143,6 +153,15 @@ class Params:
         """Reject, before any credits are spent, what the API would reject; messages name the parameter."""
         if self.endpoint not in ENDPOINTS:
             _bad(f"endpoint {self.endpoint!r} is not one of: {', '.join(ENDPOINTS)}")
+        optional = ("strength", "control_strength", "fidelity", "cfg_scale", "steps", "sampler", "aspect_ratio",
+                    "model", "width", "height")
+        for name in optional:
+            if getattr(self, name) is not None and name not in self.spec.takes:
+                takes = ", ".join(self.spec.takes) or "none besides the common ones"
+                _bad(f"{name} is not a parameter of {self.endpoint} (it takes: {takes}); remove it or pick "
+                     "another endpoint")
+        if self.output_format != "png" and "output_format" not in self.spec.takes:
+            _bad(f"{self.endpoint} returns PNG only: remove output_format")
         v1 = self.spec.generation == 1
         if not self.prompt.strip():
             _bad("prompt is required")
@@ -443,10 +462,19 @@ def _error_for(response: httpx.Response, spec: Endpoint) -> StabilityError:
 # -- files and manifests ---------------------------------------------------------------------------------------
 
 
-def _next_version(out_dir: Path, base: str) -> int:
-    taken = [int(m.group(1)) for p in out_dir.glob(f"char_{base}_v*.png")
-             if (m := re.fullmatch(rf"char_{re.escape(base)}_v(\d+)\.png", p.name))]
-    return max(taken, default=0) + 1
+def _reserve_version(out_dir: Path, base: str) -> str:
+    """The next free `char_<base>_vNN`, reserved by creating its manifest exclusively, so that jobs stylizing
+    the same render at the same time never write over each other."""
+    while True:
+        taken = [int(m.group(1)) for p in out_dir.glob(f"char_{base}_v*.*")
+                 if (m := re.fullmatch(rf"char_{re.escape(base)}_v(\d+)\.\w+", p.name))]
+        stem = f"char_{base}_v{max(taken, default=0) + 1:02d}"
+        try:
+            fd = os.open(out_dir / f"{stem}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return stem
 
 
 def _sha256(data: bytes) -> str:
@@ -470,8 +498,7 @@ def generate_variants(client: StabilityClient, params: Params, inputs: list[Path
         variants = client.generate(params, init)
         base = source.stem if source is not None else "prompt"
         for variant in variants:
-            version = _next_version(out_dir, base)
-            stem = f"char_{base}_v{version:02d}"
+            stem = _reserve_version(out_dir, base)
             image_path = out_dir / f"{stem}.{_extension(variant.content_type)}"
             image_path.write_bytes(variant.image)
             input_info: dict[str, Any] | None = None if source is None else {

@@ -219,3 +219,13 @@ def test_progress_arrives_during_a_longer_render_then_fetch(local_render: Config
         a["sha256"] for a in result.output["artifacts"]}  # type: ignore[index]
     assert fetched["get2"].output["artifacts"][0]["path"].endswith(".json")  # type: ignore[index]
     assert fetched["get3"].error.code == "not_found"  # type: ignore[union-attr]
+    assert fetched["get3"].exit_code is None and fetched["get"].exit_code is None  # fetch runs no command
+
+
+def test_renders_running_at_once_never_share_a_name(local_render: Config) -> None:
+    for i in range(3):
+        put(local_render, id=f"same{i}", type="blender_render", script="make_base_scene.py",
+            args={"subject": "cube", **SMALL})
+    results = wait_terminal(local_render, {"same0", "same1", "same2"})
+    pngs = {artifact(r, ".png")["path"] for r in results.values()}
+    assert len(pngs) == 3, pngs

@@ -165,6 +165,18 @@ def test_bad_parameters_fail_before_any_request(params: dict[str, Any], needle: 
     assert emulator.requests == []
 
 
+def test_a_parameter_the_endpoint_does_not_take_is_refused_not_dropped() -> None:
+    from agent.commands.stability import check_stylize
+    from agent.errors import RequestError
+    from agent.requests import StylizeParams
+
+    with pytest.raises(RequestError, match="steps is not a parameter of control/structure"):
+        check_stylize(StylizeParams(prompt="x", steps=30))
+    check_stylize(StylizeParams(prompt="x", steps=30, endpoint="sdxl/image-to-image"))
+    with pytest.raises(StabilityError, match="control_strength is not a parameter of sdxl/image-to-image"):
+        Params(endpoint="sdxl/image-to-image", prompt="x", control_strength=0.5).check()
+
+
 # -- through the daemon ---------------------------------------------------------------------------------------
 
 
@@ -350,8 +362,8 @@ def test_ai_render_with_and_without_ai_render_settings(make_config: Callable[...
     output = air.output or {}
     assert output["settings_from"] == "scene data" and output["emulated"] is True
     assert output["ai_render_settings"]["prompt_text"] == "a bronze statue of a cube"
-    manifest = orjson.loads(Path(next(a["local_path"] for a in output["artifacts"]
-                                      if a["path"].endswith("_v01.json"))).read_bytes())
+    by_path = {a["path"]: a for a in output["artifacts"]}
+    manifest = orjson.loads(Path(by_path[output["variants"][0]["manifest"]]["local_path"]).read_bytes())
     assert manifest["prompt"] == "a bronze statue of a cube" and manifest["negative_prompt"] == "text"
     assert manifest["endpoint"] == "sdxl/image-to-image" and manifest["seed"] == 123
     assert manifest["parameters"]["strength"] == 0.6 and manifest["parameters"]["steps"] == 30

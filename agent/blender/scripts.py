@@ -13,6 +13,9 @@ from agent.blender.args import SCRIPT_ARGS, SCRIPT_NAME
 from agent.errors import NotAllowed, RequestError
 from agent.requests import validation_error
 
+# Scripts that only their own request type may run.
+ROUTED_SCRIPTS = {"generate_ai_characters.py": "ai_render"}
+
 # Where the folder is mirrored under each host's workspace.
 REMOTE_FOLDER = "blender_scripts"
 
@@ -37,6 +40,9 @@ class ScriptLibrary:
         if script not in available:
             names = ", ".join(available) or f"none: {self.folder} has no scripts"
             raise NotAllowed(f"script {script!r} is not in the scripts folder {self.folder}; available: {names}")
+        if script in ROUTED_SCRIPTS:
+            raise NotAllowed(f"{script} runs through the `{ROUTED_SCRIPTS[script]}` request type (it needs the API "
+                             "key podq hands it), not blender_render")
         model = SCRIPT_ARGS.get(script)
         if model is None:
             if args:

@@ -72,6 +72,7 @@ class Outcome:
     error_code: ErrorCode | None = None
     error_message: str | None = None
     keep_stdout: bool = True  # False when `output` already carries everything stdout had
+    command_ran: bool = True  # False for types that run no command of their own (fetch): no exit_code/streams
 
 
 @dataclass(frozen=True)

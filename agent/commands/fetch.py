@@ -6,7 +6,7 @@ from typing import Any
 
 from agent import artifacts
 from agent.commands.base import CommandType, ExecContext, Outcome, Target, relative_to_workspace
-from agent.errors import ErrorCode
+from agent.errors import ErrorCode, PodqError
 from agent.hosts.base import Completed, Invocation
 from agent.requests import FetchRequest
 
@@ -28,9 +28,9 @@ class Fetch(CommandType[FetchRequest]):
             previous = ctx.job_output(request.from_job)
             listed = (previous or {}).get("artifacts")
             if not listed:
-                return done, Outcome(error_code=ErrorCode.NOT_FOUND, error_message=(
-                    f"no finished job {request.from_job!r} with artifacts: fetch takes the id of a succeeded "
-                    "job that made files (e.g. a blender_render), or `paths`"))
+                raise PodqError(f"no finished job {request.from_job!r} with artifacts: fetch takes the id of a "
+                                "succeeded job that made files (e.g. a blender_render), or `paths`",
+                                code=ErrorCode.NOT_FOUND)
             paths = [a["path"] for a in listed]
         else:
             paths = [relative_to_workspace(p, ctx.host.workspace) for p in request.paths or []]
@@ -38,9 +38,9 @@ class Fetch(CommandType[FetchRequest]):
         if problems:
             listed_problems = "; ".join(f"{path} {why}" for path, why in problems.items())
             code = ErrorCode.NOT_ALLOWED if "outside" in listed_problems else ErrorCode.NOT_FOUND
-            return done, Outcome(error_code=code, error_message=f"cannot fetch: {listed_problems}")
+            raise PodqError(f"cannot fetch: {listed_problems}", code=code)
         fetched = await artifacts.download(ctx.host, found, ctx.artifacts_dir / ctx.request_id)
         output: dict[str, Any] = {"artifacts": [a.model_dump() for a in fetched]}
         if request.from_job is not None:
             output["from_job"] = request.from_job
-        return done, Outcome(output=output, keep_stdout=False)
+        return done, Outcome(output=output, keep_stdout=False, command_ran=False)

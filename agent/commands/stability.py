@@ -188,8 +188,9 @@ class StabilityGenerate(CommandType[StabilityGenerateRequest]):
         if request.from_job is not None:
             inputs = base_images(ctx.job_output(request.from_job))
             if not inputs:
-                return Completed(0, b"", b"", 1), Outcome(error_code=ErrorCode.NOT_FOUND, error_message=(
-                    f"job {request.from_job!r} has no succeeded base renders to stylize (images under renders/)"))
+                raise PodqError(f"job {request.from_job!r} has no succeeded base renders to stylize (images under "
+                                "renders/): give the id of a succeeded blender_render or character job, or `inputs`",
+                                code=ErrorCode.NOT_FOUND)
         else:
             inputs = [relative_to_workspace(p, ctx.host.workspace) for p in request.inputs or []]
         result = await _stylize(ctx, request.stylize, inputs, invocation.timeout_s)
@@ -209,9 +210,11 @@ class Character(CommandType[CharacterRequest]):
     name = "character"
 
     def _render_request(self, request: CharacterRequest) -> BlenderRenderRequest:
+        # A `character` request renders the procedural character unless it names another subject.
+        args = {"subject": "character", **request.render.args} if request.render.script == "make_base_scene.py" \
+            else request.render.args
         return BlenderRenderRequest(type="blender_render", id=request.id, host=request.host,
-                                    script=request.render.script, args=request.render.args,
-                                    timeout_s=request.timeout_s)
+                                    script=request.render.script, args=args, timeout_s=request.timeout_s)
 
     def plan(self, request: CharacterRequest, target: Target) -> Invocation:
         check_stylize(request.stylize)
@@ -259,7 +262,7 @@ class Character(CommandType[CharacterRequest]):
             })
         return {
             "id": ctx.request_id, "kind": "podq.character", "emulated": result.emulated,
-            "scene": {"script": request.render.script, "args": request.render.args},
+            "scene": {"script": request.render.script, "args": self._render_request(request).args},
             "stylize": request.stylize.model_dump(exclude_none=True),
             "base_renders": linked,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
