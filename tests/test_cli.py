@@ -193,3 +193,22 @@ def test_an_idle_daemon_and_a_waiting_follower_use_no_cpu(local_config: Config) 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_key_file_others_can_read_stops_the_daemon_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STABILITY_API_KEY", raising=False)
+    assert podq(["init"]) == 0
+    key = tmp_path / "stability.key"
+    key.write_text("sk-not-for-others\n")
+    key.chmod(0o644)
+    config = tmp_path / "podq.toml"
+    config.write_text(config.read_text().replace('# api_key_file = "~/.config/podq/stability.key"',
+                                                 'api_key_file = "stability.key"'))
+    capsys.readouterr()
+    assert podq(["run", "--until-idle"]) == 3
+    assert "chmod 600" in capsys.readouterr().err
+    key.chmod(0o600)
+    assert podq(["run", "--until-idle"]) == 0
