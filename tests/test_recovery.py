@@ -3,6 +3,7 @@ none runs twice, and results.jsonl holds only whole lines."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -85,3 +86,21 @@ def test_kill_9_mid_batch_loses_nothing_and_repeats_nothing(
     assert len(interrupted) <= kills * 8
     for line in raw.splitlines():
         orjson.loads(line)
+
+
+def test_sigterm_lets_running_commands_finish_within_the_grace_then_cancels(
+    make_config: Callable[..., Config],
+) -> None:
+    config = make_config(grace_s=0.5)
+    ws = Path(str(config.hosts[0].workspace))
+    ws.mkdir(parents=True)
+    os.mkfifo(ws / "never.log")  # `tail` blocks forever opening a FIFO nobody writes
+    daemon = start_daemon(config)
+    append_line(config.requests_path, {"id": "quick", "type": "df"})
+    append_line(config.requests_path, {"id": "stuck", "type": "tail_log", "path": "never.log", "timeout_s": 60})
+    wait_for(lambda: any(line.id == "stuck" and line.event == Event.STARTED for line in all_results(config)))
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=15) == 0
+    final = {line.id: line for line in all_results(config) if line.terminal}
+    assert final["quick"].event == Event.SUCCEEDED
+    assert final["stuck"].event == Event.CANCELLED and final["stuck"].error.code == "cancelled"  # type: ignore[union-attr]
