@@ -21,11 +21,11 @@ from agent import constants
 from agent.admission import admit, resolve_host, target_for
 from agent.blender.scripts import ScriptLibrary
 from agent.commands import ExecContext, Outcome, command_for, plan
-from agent.commands.base import text
+from agent.commands.base import nonzero, text
 from agent.config import Config
 from agent.errors import ErrorCode, PodqError, RequestError
 from agent.hosts import Host, Invocation, make_host
-from agent.hosts.base import Completed
+from agent.hosts.base import BACKSTOP_S, Completed
 from agent.journal import RawLine, RequestsReader, ResultsJournal, result_lines
 from agent.lock import QueueLock
 from agent.requests import REQUEST_ADAPTER, Request, auto_id, decode_line, readable_id
@@ -123,13 +123,15 @@ class Daemon:
                 cursor = self.state.cursor()
                 self.reader = RequestsReader(
                     self.config.requests_path, generation=cursor.generation, dev=cursor.dev, ino=cursor.ino,
-                    offset=cursor.offset,
+                    offset=cursor.offset, tail=cursor.tail,
                 )
                 log.info("daemon.started", queue=str(self.queue_dir), hosts=list(self.hosts), pid=os.getpid())
                 self._recover()
                 self.ready.set()
-                await self._serve(stop)
-                await self._drain()
+                try:
+                    await self._serve(stop)
+                finally:
+                    await self._drain()  # running jobs finish (or are cancelled) before the journal closes
             finally:
                 watcher.stop()
                 if self._emulator is not None:
@@ -187,12 +189,18 @@ class Daemon:
 
     async def _intake(self) -> None:
         for taken, raw in enumerate(self.reader.lines(), start=1):
-            self._take(raw)
+            try:
+                self._take(raw)
+            except Exception as exc:  # a line podq cannot handle must not stop it handling the next
+                log.exception("request.unprocessable", line_offset=raw.offset)
+                self._reject(raw, None, None, RequestError(
+                    f"podq could not process this line ({type(exc).__name__}: {exc}); check that it is a small, "
+                    "plain JSON object (meta nested at most a few levels)", code=ErrorCode.INVALID_REQUEST))
             if taken % _INTAKE_BATCH == 0:
                 await asyncio.sleep(0)
         cursor = self.state.cursor()
-        position = (self.reader.generation, self.reader.dev, self.reader.ino, self.reader.offset)
-        if position != (cursor.generation, cursor.dev, cursor.ino, cursor.offset):
+        position = (self.reader.generation, self.reader.dev, self.reader.ino, self.reader.offset, self.reader.tail)
+        if position != (cursor.generation, cursor.dev, cursor.ino, cursor.offset, cursor.tail):
             self.state.set_position(*position)  # blank lines and rotations claim nothing, but move the cursor
 
     def _take(self, raw: RawLine) -> None:
@@ -230,7 +238,7 @@ class Daemon:
             Claim(id=request_id, generation=self.reader.generation, line_offset=raw.offset, type=request.type,
                   host=host.name, request=_request_json(request), meta=_meta_json(meta),
                   auto_id=given_id is None),
-            next_offset=raw.end, dev=self.reader.dev, ino=self.reader.ino,
+            next_offset=raw.end, dev=self.reader.dev, ino=self.reader.ino, tail=self.reader.tail,
         )
         job = Job(seq, request, host, admitted.invocation, meta)
         self._accept(job, raw.offset, auto=given_id is None)
@@ -249,11 +257,15 @@ class Daemon:
         kind = _short_str(data.get("type"))
         host = _short_str(data.get("host"))
         meta = data.get("meta") if isinstance(data.get("meta"), dict) else None
+        try:
+            _meta_json(meta)
+        except (TypeError, orjson.JSONEncodeError):
+            meta = None  # too deep to echo back
         seq = self.state.claim(
             Claim(id=request_id, generation=self.reader.generation, line_offset=raw.offset, type=kind, host=host,
                   meta=_meta_json(meta), duplicate=duplicate, error_code=error.code.value,
                   error_message=error.message),
-            next_offset=raw.end, dev=self.reader.dev, ino=self.reader.ino,
+            next_offset=raw.end, dev=self.reader.dev, ino=self.reader.ino, tail=self.reader.tail,
         )
         self._write_rejection(seq, request_id, kind, host, meta, raw.offset, error.code, error.message)
 
@@ -293,8 +305,16 @@ class Daemon:
                 return  # never started: it stays `accepted` and runs on the next start
             self._write(job.seq, job.line(Event.STARTED))
             started = time.monotonic()
+            limit = job.invocation.timeout_s + BACKSTOP_S
             try:
-                completed, outcome = await command.execute(job.request, job.invocation, ctx)
+                # The whole job (sync, run, downloads, every stage) is bounded, not only its main command.
+                async with asyncio.timeout(limit):
+                    completed, outcome = await command.execute(job.request, job.invocation, ctx)
+            except TimeoutError:
+                self._finish(job, Event.TIMED_OUT, started, error=ErrorInfo(code=ErrorCode.TIMEOUT, message=(
+                    f"the job took longer than its timeout_s of {job.invocation.timeout_s:g} s and was stopped: "
+                    "raise `timeout_s` in the request if it needs longer")))
+                return
             except PodqError as exc:
                 self._finish(job, Event.FAILED, started, attempts=getattr(exc, "attempts", 1),
                              error=ErrorInfo(code=exc.code, message=exc.message))
@@ -349,6 +369,12 @@ class Daemon:
             return
         if not outcome.command_ran:
             self._finish(job, Event.SUCCEEDED, started, attempts=completed.attempts, output=outcome.output)
+            return
+        if completed.exit_code != 0:  # e.g. killed (137) well before its timeout: never a success
+            failure = nonzero(completed)
+            self._finish(job, Event.FAILED, started, **common, **_streams(completed, keep_stdout=True),
+                         output=outcome.output,
+                         error=ErrorInfo(code=ErrorCode.NONZERO_EXIT, message=failure.error_message or ""))
             return
         self._finish(job, Event.SUCCEEDED, started, **common,
                      **_streams(completed, keep_stdout=outcome.keep_stdout), output=outcome.output)
@@ -450,7 +476,9 @@ def _streams(completed: Completed, *, keep_stdout: bool) -> dict[str, Any]:
 
 
 def _request_json(request: Request) -> bytes:
-    return orjson.dumps(request.model_dump(mode="json", exclude_none=True))
+    # Only what the request set (with the id and host podq filled in): a resumed request must mean the same,
+    # and some types tell "left out" from "set to the default" (ai_render's scene settings).
+    return orjson.dumps(request.model_dump(mode="json", exclude_unset=True))
 
 
 def _meta_json(meta: dict[str, Any] | None) -> bytes | None:

@@ -33,15 +33,18 @@ class RawLine:
 class RequestsReader:
     """Complete lines of requests.jsonl from a saved position, following truncation and rotation."""
 
-    def __init__(self, path: Path, *, generation: int, dev: int | None, ino: int | None, offset: int) -> None:
+    def __init__(
+        self, path: Path, *, generation: int, dev: int | None, ino: int | None, offset: int, tail: bytes = b""
+    ) -> None:
         self.path = path
         self.generation = generation
         self.offset = offset
         self._fd: int | None = None
         self._identity = (dev, ino)
-        # The last bytes before `offset` as they were read: if they change, the file was truncated and written
-        # again past our offset before we noticed, which its size alone cannot tell.
-        self._tail = b""
+        # The last bytes before `offset` as they were read (kept in podq's state across restarts). If they
+        # change, the file was truncated and written again past our offset, which its size alone cannot tell;
+        # if a new file holds them at the same place, it is the same content saved anew (an editor's save).
+        self.tail = tail
 
     @property
     def dev(self) -> int:
@@ -62,18 +65,27 @@ class RequestsReader:
             self._open(first=True)
         while True:
             yield from self._complete_lines()
-            if not self._switch_if_rotated():
+            change = self._change()
+            if change is None:
                 return
+            if change == "replaced":
+                # Lines the old file got between our last read and the switch still count.
+                yield from self._complete_lines()
+                self.close()
+                self._open(first=False)
 
     def _open(self, *, first: bool) -> None:
         fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         st = os.fstat(fd)
         identity = (st.st_dev, st.st_ino)
         if self._identity != (None, None) and identity != self._identity:
-            why = "was replaced while podq was down" if first else "was rotated"
-            log.warning("queue.rotated", path=str(self.path), why=why, generation=self.generation + 1)
-            self._restart()
-        elif st.st_size < self.offset:
+            if self._holds_tail(fd, st.st_size):
+                log.info("queue.resaved", path=str(self.path), offset=self.offset)  # same lines, new file
+            else:
+                why = "was replaced while podq was down" if first else "was rotated"
+                log.warning("queue.rotated", path=str(self.path), why=why, generation=self.generation + 1)
+                self._restart()
+        elif st.st_size < self.offset or not self._holds_tail(fd, st.st_size):
             log.warning("queue.truncated", path=str(self.path), size=st.st_size, offset=self.offset,
                         generation=self.generation + 1)
             self._restart()
@@ -83,35 +95,35 @@ class RequestsReader:
     def _restart(self) -> None:
         self.generation += 1
         self.offset = 0
-        self._tail = b""
+        self.tail = b""
 
-    def _switch_if_rotated(self) -> bool:
-        """After reading to the end: if the path now names another file, or ours shrank, start over."""
+    def _change(self) -> str | None:
+        """After reading to the end: "replaced" when the path names another file now; "truncated" (and the
+        position reset) when ours shrank or was rewritten; None when nothing changed."""
         assert self._fd is not None
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return False  # moved away and not yet re-created: wait for the new file
+            return None  # moved away and not yet re-created: wait for the new file
         if (st.st_dev, st.st_ino) != self._identity:
-            # Whatever the old file got before the switch has been read; the new one starts at 0.
-            self.close()
-            self._open(first=False)
-            return True
-        if os.fstat(self._fd).st_size < self.offset or not self._tail_intact():
+            return "replaced"
+        size = os.fstat(self._fd).st_size
+        if size < self.offset or not self._holds_tail(self._fd, size):
             log.warning("queue.truncated", path=str(self.path), offset=self.offset, generation=self.generation + 1)
             self._restart()
-            return True
-        return False
+            return "truncated"
+        return None
 
-    def _tail_intact(self) -> bool:
-        assert self._fd is not None
-        if not self._tail:
+    def _holds_tail(self, fd: int, size: int) -> bool:
+        if not self.tail:
             return True
-        return os.pread(self._fd, len(self._tail), self.offset - len(self._tail)) == self._tail
+        if size < self.offset:
+            return False
+        return os.pread(fd, len(self.tail), self.offset - len(self.tail)) == self.tail
 
     def _complete_lines(self) -> Iterator[RawLine]:
         assert self._fd is not None
-        if not self._tail_intact():
+        if not self._holds_tail(self._fd, os.fstat(self._fd).st_size):
             log.warning("queue.truncated", path=str(self.path), offset=self.offset, generation=self.generation + 1)
             self._restart()
         pending = bytearray()
@@ -132,7 +144,7 @@ class RequestsReader:
                     data = bytes(pending) if len(pending) <= constants.MAX_LINE_BYTES else None
                 end = pos - len(chunk) + nl + 1
                 self.offset = end
-                self._tail = (data or b"")[-(_TAIL_BYTES - 1):] + b"\n"
+                self.tail = (data or b"")[-(_TAIL_BYTES - 1):] + b"\n"
                 yield RawLine(start, end, data)
                 pending.clear()
                 skipping = False

@@ -26,6 +26,22 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _PATH_CHARS = re.compile(r"^[A-Za-z0-9 ._,+=@/-]*$")
 
 
+MAX_META_BYTES = 64 * 1024
+
+
+def _check_meta(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        raise PydanticCustomError("meta_too_deep", "is nested too deeply: keep it a small, flat object") from None
+    if size > MAX_META_BYTES:
+        raise PydanticCustomError("meta_too_large", "is {size} bytes as JSON; at most {limit}",
+                                  {"size": size, "limit": MAX_META_BYTES})
+    return value
+
+
 def check_workspace_path(value: str) -> str:
     """The lexical rules for a path under the workspace; raises a `not_allowed` validation error."""
     if len(value) > constants.MAX_PATH_LENGTH:
@@ -72,8 +88,8 @@ class _RequestBase(BaseModel):
     timeout_s: float | None = Field(
         None, gt=0, le=24 * 3600, description="Seconds before the command is stopped (`timed_out`)."
     )
-    meta: dict[str, Any] | None = Field(
-        None, description="Any JSON object; echoed back unchanged in every result line of this request."
+    meta: Annotated[dict[str, Any] | None, AfterValidator(_check_meta)] = Field(
+        None, description="Any JSON object (at most 64 KiB); echoed back unchanged in every result line."
     )
 
     @property

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS cursor (
     generation INTEGER NOT NULL,        -- bumped each time requests.jsonl is replaced or truncated
     dev INTEGER, ino INTEGER,           -- identity of the file the offset belongs to
     offset INTEGER NOT NULL,            -- bytes of requests.jsonl already claimed
-    results_checkpoint INTEGER NOT NULL -- results.jsonl size at the last committed event
+    results_checkpoint INTEGER NOT NULL, -- results.jsonl size at the last committed event
+    tail BLOB                           -- the last bytes before `offset` (to tell a rewrite from a save)
 );
 CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,6 +65,7 @@ class Cursor:
     ino: int | None
     offset: int
     results_checkpoint: int
+    tail: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -130,16 +132,19 @@ class StateStore:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(requests)")}
         if "output" not in columns:
             self._db.execute("ALTER TABLE requests ADD COLUMN output BLOB")
+        if "tail" not in {r[1] for r in self._db.execute("PRAGMA table_info(cursor)")}:
+            self._db.execute("ALTER TABLE cursor ADD COLUMN tail BLOB")
 
     # -- cursor --------------------------------------------------------------------------------------------
 
     def cursor(self) -> Cursor:
-        r = self._db.execute("SELECT generation, dev, ino, offset, results_checkpoint FROM cursor").fetchone()
-        return Cursor(r["generation"], r["dev"], r["ino"], r["offset"], r["results_checkpoint"])
+        r = self._db.execute("SELECT generation, dev, ino, offset, results_checkpoint, tail FROM cursor").fetchone()
+        return Cursor(r["generation"], r["dev"], r["ino"], r["offset"], r["results_checkpoint"], r["tail"] or b"")
 
-    def set_position(self, generation: int, dev: int, ino: int, offset: int) -> None:
+    def set_position(self, generation: int, dev: int, ino: int, offset: int, tail: bytes) -> None:
         self._db.execute(
-            "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?", (generation, dev, ino, offset)
+            "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?, tail = ?",
+            (generation, dev, ino, offset, tail),
         )
 
     def set_checkpoint(self, results_offset: int) -> None:
@@ -153,7 +158,7 @@ class StateStore:
         ).fetchone()
         return row is not None
 
-    def claim(self, claim: Claim, *, next_offset: int, dev: int, ino: int) -> int:
+    def claim(self, claim: Claim, *, next_offset: int, dev: int, ino: int, tail: bytes) -> int:
         """Insert the request and move the cursor past its line, atomically. Returns the row's seq."""
         ts = now()
         with self._transaction():
@@ -165,8 +170,8 @@ class StateStore:
                  claim.host, RECEIVED, claim.request, claim.meta, claim.error_code, claim.error_message, ts, ts),
             )
             self._db.execute(
-                "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?",
-                (claim.generation, dev, ino, next_offset),
+                "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?, tail = ?",
+                (claim.generation, dev, ino, next_offset, tail),
             )
         assert cur.lastrowid is not None
         return cur.lastrowid

@@ -147,7 +147,9 @@ def render_scene(scene, workspace):
 def newest_render(workspace):
     folder = os.path.join(workspace, "renders")
     candidates = [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []
-    images = [p for p in candidates if p.endswith(".png") and not _PASS.search(p)]
+    root = os.path.realpath(workspace)
+    images = [p for p in candidates if p.endswith(".png") and not _PASS.search(p)
+              and os.path.commonpath([root, os.path.realpath(p)]) == root]  # no link out of the workspace
     if not images:
         raise base.RequestError("not_found", "no .blend given and no base render in renders/ to start from")
     return max(images, key=os.path.getmtime)

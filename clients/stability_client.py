@@ -570,6 +570,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in inputs:
             if not p.is_file():
                 raise StabilityError("invalid_request", f"input image {p} does not exist")
+        if workspace is not None:  # nothing read or written through a link that leads out of the workspace
+            for p in [*inputs, root / args.out_dir]:
+                real, top = os.path.realpath(p), os.path.realpath(workspace)
+                if os.path.commonpath([real, top]) != top:
+                    print(f"PODQ_ERROR not_allowed: {p} resolves to {real}, outside the workspace {top}",
+                          file=sys.stderr, flush=True)
+                    return 2
         retries = Retries(attempts=args.attempts, backoff_s=args.backoff_s, rate_limit_wait_s=args.rate_limit_wait_s)
         with StabilityClient(key, args.base_url, retries=retries) as client:
             try:

@@ -198,6 +198,13 @@ def test_a_script_that_raises_fails_with_its_traceback(local_render: Config, scr
     assert "Traceback" in (result.stderr or "") + (result.stdout or "")
 
 
+def test_a_render_killed_before_its_timeout_is_a_failure(local_render: Config, scripts: Path) -> None:
+    (scripts / "oom.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer\n")
+    result = render(local_render, "oom", script="oom.py")
+    assert result.event == Event.FAILED and result.error.code == "nonzero_exit"  # type: ignore[union-attr]
+    assert result.exit_code == 137
+
+
 def test_progress_arrives_during_a_longer_render_then_fetch(local_render: Config) -> None:
     result = render(local_render, "long", args={"subject": "character", "resolution": [160, 160], "samples": 256})
     assert result.event == Event.SUCCEEDED, result

@@ -100,6 +100,7 @@ BAD_LINES: list[tuple[bytes, str, str | None]] = [
     (b'{"id": "h1", "type": "ping", "host": "elsewhere"}', "host_unknown", "h1"),
     (b'{"id": "bad-utf8", "type": "ping", "meta": {"x": "\xff\xfe"}}', "invalid_json", None),
     (b'{"id": "big", "type": "ping", "meta": {"pad": "' + b"x" * (2 * 1024 * 1024) + b'"}}', "line_too_long", None),
+    (b'{"id": "deep", "type": "ping", "meta": ' + b'{"a": ' * 300 + b"1" + b"}" * 301, "invalid_request", "deep"),
 ]
 
 

@@ -120,3 +120,44 @@ def test_concurrent_submitters_and_raw_appends_never_tear_a_line(local_config: C
     assert {orjson.loads(line)["id"] for line in request_lines} == expected  # every line whole
     terminal = Counter(line.id for line in all_results(local_config) if line.terminal)
     assert set(terminal.values()) == {1}
+
+
+def test_a_line_written_just_before_a_rename_is_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    reader = RequestsReader(path, generation=0, dev=None, ino=None, offset=0)
+    assert [line.data for line in reader.lines()] == [b'{"n": 1}']
+    with open(path, "ab") as old:  # appended after our last read, then the file is rotated away
+        old.write(b'{"n": 2}\n')
+    os.rename(path, tmp_path / "requests.jsonl.1")
+    path.write_bytes(b'{"n": 3}\n')
+    assert [line.data for line in reader.lines()] == [b'{"n": 2}', b'{"n": 3}']
+    assert reader.generation == 1
+
+
+def test_saving_the_same_lines_as_a_new_file_does_not_rerun_them(running: Config) -> None:
+    write_raw(running, b'{"type": "gpu", "meta": {"n": 1}}\n')
+    wait_lines(running, 1)
+    # An editor's save: the old content plus a new line, written to a temporary file and renamed over.
+    saved = running.requests_path.read_bytes() + b'{"type": "gpu", "meta": {"n": 2}}\n'
+    tmp = running.requests_path.with_name(".requests.jsonl.swp")
+    tmp.write_bytes(saved)
+    os.replace(tmp, running.requests_path)
+    lines = wait_lines(running, 2)
+    assert [line.meta for line in lines] == [{"n": 1}, {"n": 2}]
+    assert [line.id for line in lines] == ["auto-0-0", f"auto-0-{len(saved) - 34}"]
+
+
+def test_a_file_rewritten_while_podq_was_down_is_read_again_from_its_start(local_config: Config) -> None:
+    with BackgroundDaemon(local_config):
+        put(local_config, id="a1", type="gpu")
+        put(local_config, id="a2", type="gpu")
+        wait_terminal(local_config, {"a1", "a2"})
+    ino = local_config.requests_path.stat().st_ino
+    with open(local_config.requests_path, "wb") as f:  # same file (inode), new and longer content
+        for i in range(1, 5):
+            f.write(orjson.dumps({"id": f"b{i}", "type": "gpu"}) + b"\n")
+    assert local_config.requests_path.stat().st_ino == ino
+    with BackgroundDaemon(local_config):
+        results = wait_terminal(local_config, {"b1", "b2", "b3", "b4"})
+    assert {r.event for r in results.values()} == {Event.SUCCEEDED}

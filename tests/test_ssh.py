@@ -3,6 +3,7 @@ a connection can fail, reported with its code rather than a hang."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import threading
@@ -207,3 +208,24 @@ def test_unknown_host_key_then_trust(
     known.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
     assert podq(["--config", str(config.source), "trust", "pod1", "--yes"]) == 1  # never replaces silently
     assert "DIFFERENT key" in capsys.readouterr().err
+
+
+def test_a_cancelled_command_is_stopped_on_the_host(sshd: SSHServer, make_config: Callable[..., Config]) -> None:
+    config = make_config(ssh_host_toml(sshd), grace_s=0.3)
+    fifo = sshd.workspace / f"blocked-{os.getpid()}.log"
+    os.mkfifo(fifo)  # `tail` blocks forever opening a FIFO nobody writes
+    with BackgroundDaemon(config):
+        put(config, id="stuck", type="tail_log", path=fifo.name, timeout_s=120)
+        deadline = time.monotonic() + 10
+        while not _running(fifo):
+            assert time.monotonic() < deadline, "the command never started on the host"
+            time.sleep(0.02)
+    assert events_of(config, "stuck")[-1] == "cancelled"
+    deadline = time.monotonic() + 5
+    while _running(fifo):  # closing the channel alone would leave it running on the pod
+        assert time.monotonic() < deadline, "the cancelled command still runs on the host"
+        time.sleep(0.05)
+
+
+def _running(fifo: Path) -> bool:
+    return subprocess.run(["pgrep", "-f", f"tail -n 50 -- {fifo}"], capture_output=True).returncode == 0

@@ -248,6 +248,21 @@ def test_stability_generate_with_a_real_key_leaks_it_nowhere(
                 assert KEY.encode() not in file.read_bytes(), file
 
 
+def test_an_input_that_links_out_of_the_workspace_is_never_sent(
+    make_config: Callable[..., Config], tmp_path: Path, render_png: Path
+) -> None:
+    config = local_config(make_config, tmp_path)
+    ws = Path(str(config.hosts[0].workspace))
+    (ws / "renders").mkdir()
+    (ws / "renders" / "sneaky.png").symlink_to(render_png)  # render_png lies outside the workspace
+    with BackgroundDaemon(config) as bg:
+        put(config, id="sneak", type="stability_generate", inputs=["renders/sneaky.png"], stylize={"prompt": "x"})
+        result = wait_terminal(config, {"sneak"}, timeout_s=60)["sneak"]
+        emulator = bg.daemon._emulator
+        assert emulator is not None and emulator.requests == []
+    assert result.event == Event.FAILED and result.error.code == "not_allowed"  # type: ignore[union-attr]
+
+
 def test_content_filtered_is_never_a_clean_success(
     make_config: Callable[..., Config], tmp_path: Path, render_png: Path
 ) -> None:

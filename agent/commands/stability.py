@@ -102,7 +102,18 @@ def _client_options(ctx: ExecContext) -> list[str]:
             "--rate-limit-wait-s", f"{s.rate_limit_wait_s:g}"]
 
 
+async def _resolve_inputs(ctx: ExecContext, inputs: list[str]) -> list[str]:
+    """Each input as the real file it is on the host, refused if it leads out of the workspace (symlinks too)."""
+    found, problems = await artifacts.describe(ctx.host, inputs)
+    if problems:
+        listed = "; ".join(f"{p} {why}" for p, why in problems.items())
+        code = ErrorCode.NOT_ALLOWED if "outside" in listed else ErrorCode.NOT_FOUND
+        raise PodqError(f"cannot stylize: {listed}", code=code)
+    return [a.path for a in found]
+
+
 async def _stylize(ctx: ExecContext, params: StylizeParams, inputs: list[str], timeout_s: float) -> _Result:
+    inputs = await _resolve_inputs(ctx, inputs)
     await sync_folder(ctx.host, CLIENTS, f"{ctx.host.workspace}/{REMOTE_CLIENTS}")
     base_url, key, emulated = await _access(ctx)
     ws = ctx.host.workspace
@@ -148,7 +159,8 @@ async def _deliver(ctx: ExecContext, paths: list[str], download: bool) -> list[d
     made, problems = await artifacts.describe(ctx.host, paths)
     if problems:
         listed = "; ".join(f"{p} {why}" for p, why in problems.items())
-        raise PodqError(f"output files podq cannot deliver: {listed}", code=ErrorCode.NOT_FOUND)
+        code = ErrorCode.NOT_ALLOWED if "outside" in listed else ErrorCode.NOT_FOUND
+        raise PodqError(f"output files podq cannot deliver: {listed}", code=code)
     if download:
         made = await artifacts.download(ctx.host, made, ctx.artifacts_dir / ctx.request_id)
     return [a.model_dump(exclude_none=True) for a in made]

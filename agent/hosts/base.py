@@ -96,9 +96,10 @@ class Capture:
         assert self._on_line is not None
         # Blender ends some progress lines with a bare carriage return.
         lines = (self._partial + chunk).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self._partial = lines.pop()
+        # A line without end is cut at MAX_LINE_BYTES: one runaway writer must not stall the event loop.
+        self._partial = lines.pop()[: constants.MAX_LINE_BYTES]
         for line in lines:
-            self._on_line(self._name, line.decode("utf-8", errors="replace"))
+            self._on_line(self._name, line[: constants.MAX_LINE_BYTES].decode("utf-8", errors="replace"))
 
     def close(self) -> None:
         if self._on_line is not None and self._partial:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,15 @@ from agent.hosts.base import BACKSTOP_S, Capture, Completed, Host, Invocation, L
 from agent.hosts.known_hosts import trusted_keys
 
 log = structlog.get_logger("podq.ssh")
+
+# The command reports its pid (which `timeout`, exec'd in its place, keeps and makes its process group's id)
+# on stderr before anything else, so an abandoned command can be stopped; podq strips the line.
+PID_MARK = b"@@podq-pid "
+_PID_REPORT = 'printf "@@podq-pid %s\\n" "$$" >&2; exec "$@"'
+
+
+def _with_pid_report(invocation: Invocation) -> str:
+    return shlex.join(("sh", "-c", _PID_REPORT, "podq-run", *invocation.host_argv()))
 
 
 @dataclass(eq=False)
@@ -100,7 +110,7 @@ class SSHHost(Host):
             exc.attempts = attempts
             raise
         try:
-            return await self._collect(process, invocation, attempts, on_line)
+            return await self._collect(link, process, invocation, attempts, on_line)
         finally:
             link.busy -= 1
 
@@ -173,7 +183,7 @@ class SSHHost(Host):
     ) -> tuple[_Link, asyncssh.SSHClientProcess[bytes]]:
         link = await self._checkout()
         try:
-            process = await link.conn.create_process(invocation.command_line(), encoding=None)
+            process = await link.conn.create_process(_with_pid_report(invocation), encoding=None)
         except asyncssh.ChannelOpenError as exc:
             # The server refused a session (e.g. MaxSessions under load): the command never started.
             link.busy -= 1
@@ -190,26 +200,43 @@ class SSHHost(Host):
         return link, process
 
     async def _collect(
-        self, process: asyncssh.SSHClientProcess[bytes], invocation: Invocation, attempts: int,
+        self, link: _Link, process: asyncssh.SSHClientProcess[bytes], invocation: Invocation, attempts: int,
         on_line: LineHandler | None,
     ) -> Completed:
         stdout, stderr = captures(on_line)
+        pid: int | None = None
 
         async def pump(stream: asyncssh.SSHReader[bytes], capture: Capture) -> None:
             while chunk := await stream.read(65536):
                 capture.feed(chunk)
 
+        async def pump_stderr() -> None:
+            nonlocal pid
+            first = b""
+            while b"\n" not in first and (chunk := await process.stderr.read(65536)):
+                first += chunk
+            line, _, rest = first.partition(b"\n")
+            if line.startswith(PID_MARK):
+                pid = int(line[len(PID_MARK):])
+            else:
+                rest = first
+            if rest:
+                stderr.feed(rest)
+            await pump(process.stderr, stderr)
+
         try:
             async with asyncio.timeout(invocation.timeout_s + BACKSTOP_S):
-                await asyncio.gather(pump(process.stdout, stdout), pump(process.stderr, stderr))
+                await asyncio.gather(pump(process.stdout, stdout), pump_stderr())
                 result = await process.wait()
             exit_code: int | None = result.exit_status
             if exit_code is not None and exit_code < 0:
                 exit_code = None  # killed by a signal, or the server sent no status
         except TimeoutError:
+            await self._stop_remote(link, pid)
             process.close()
             exit_code = None
         except asyncio.CancelledError:
+            await self._stop_remote(link, pid)
             process.close()
             raise
         except (asyncssh.Error, OSError) as exc:
@@ -228,6 +255,19 @@ class SSHHost(Host):
             stdout_dropped=stdout.dropped,
             stderr_dropped=stderr.dropped,
         )
+
+    async def _stop_remote(self, link: _Link, pid: int | None) -> None:
+        """Stop a command that is being abandoned. Closing its channel would not: OpenSSH sends no signal to a
+        command without a terminal (nor does it act on the protocol's signal request), so the job would run
+        on, holding the GPU. The command's process group is led by coreutils `timeout` (its pid reported
+        first thing): TERM it now, KILL it 5 s later."""
+        if pid is None or not link.usable:
+            return
+        stop = f"kill -TERM -- -{pid} 2>/dev/null; (sleep 5; kill -KILL -- -{pid}) >/dev/null 2>&1 </dev/null &"
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                await link.conn.run(stop, check=False)
+        log.info("ssh.stopped_remote", host=self.name, pid=pid)
 
     async def _checkout(self) -> _Link:
         """A connection with a free channel: the least busy open one, else a new one."""
