@@ -66,7 +66,10 @@ def air_props(scene):
     props = getattr(scene, "air_props", None)
     if props is not None:
         return props, "addon"
-    saved = scene.get("air_props")
+    saved = scene.get("air_props")  # Blender up to 4.x keeps an unregistered addon's data as custom properties
+    if saved is None and hasattr(scene, "bl_system_properties_get"):
+        system = scene.bl_system_properties_get()  # Blender 5 keeps it apart from user custom properties
+        saved = system.get("air_props") if system is not None else None
     if saved is not None:
         return saved, "scene data"
     return None, None

@@ -27,6 +27,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -177,7 +178,7 @@ class Params:
         _range("strength", self.strength, 0, 1)
         _range("control_strength", self.control_strength, 0, 1)
         _range("fidelity", self.fidelity, 0, 1)
-        _range("cfg_scale", self.cfg_scale, 0, 35 if v1 else 10)
+        _range("cfg_scale", self.cfg_scale, 0 if v1 else 1, 35 if v1 else 10)
         _range("steps", self.steps, 10, 50)
         if self.sampler is not None and self.sampler not in SAMPLERS:
             _bad(f"sampler {self.sampler!r} is not one of: {', '.join(SAMPLERS)}")
@@ -217,8 +218,9 @@ class InitImage:
 
 
 def nearest_sdxl_size(width: int, height: int) -> tuple[int, int]:
-    aspect = width / height
-    return min(SDXL_SIZES, key=lambda s: abs((s[0] / s[1]) - aspect))
+    # Ratios compared on a log scale, so a portrait image and its landscape twin pick mirrored sizes.
+    aspect = math.log(width / height)
+    return min(SDXL_SIZES, key=lambda s: abs(math.log(s[0] / s[1]) - aspect))
 
 
 def prepare_image(path: Path, endpoint: Endpoint) -> InitImage:
@@ -252,7 +254,10 @@ def prepare_image(path: Path, endpoint: Endpoint) -> InitImage:
         elif pixels < V2_MIN_PIXELS or min(w, h) < 64:
             scale = max((V2_MIN_PIXELS / pixels) ** 0.5, 64 / min(w, h))
         if scale != 1.0:
-            image = image.resize((max(64, int(w * scale)), max(64, int(h * scale))), Image.Resampling.LANCZOS)
+            new_w, new_h = max(64, int(w * scale)), max(64, int(h * scale))
+            # Rounding must not push a ratio at the limit past it (5000x2000 would become 4857x1942).
+            new_w, new_h = min(new_w, math.floor(2.5 * new_h)), min(new_h, math.floor(2.5 * new_w))
+            image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
             adjusted.append("resized")
     if image.mode == "RGBA" and endpoint.generation == 1:
         image = image.convert("RGB")  # SDXL v1 wants an opaque init image
@@ -272,6 +277,7 @@ class Variant:
     request_id: str | None
     content_type: str
     elapsed_s: float
+    sent: dict[str, Any] = field(default_factory=dict)  # the parameters as sent (for the manifest)
 
 
 @dataclass
@@ -317,6 +323,11 @@ class StabilityClient:
             _bad(f"{spec.name} needs an input image")
         if spec.image == "none" and init is not None:
             _bad(f"{spec.name} takes no input image")
+        if spec.image == "optional":
+            if init is not None and params.aspect_ratio is not None:
+                _bad(f"aspect_ratio applies to {spec.name} only without an input image (the input sets the shape)")
+            if init is None and params.strength is not None:
+                _bad(f"strength applies to {spec.name} only with an input image")
         if spec.generation == 1:
             return self._v1(params, init)
         variants = []
@@ -350,13 +361,18 @@ class StabilityClient:
             files = [("init_image", ("init.png", init.data, "image/png"))] + [(k, (None, v)) for k, v in fields]
             response = self._send(spec, headers, files=files)
         request_id = response.headers.get("x-request-id")
+        sent = {k: v for k, v in options.items() if v is not None}
+        if params.strength is not None and not spec.json_body:
+            sent["strength"] = params.strength
+            sent["image_strength"] = round(1 - params.strength, 4)  # what v1 calls it: similarity to the input
         if not as_json:
             return [Variant(response.content, _int(response.headers.get("seed")),
                             response.headers.get("finish-reason", "SUCCESS"), request_id,
-                            response.headers.get("content-type", "image/png"), response.elapsed.total_seconds())]
+                            response.headers.get("content-type", "image/png"), response.elapsed.total_seconds(),
+                            sent)]
         artifacts = response.json().get("artifacts", [])
         return [Variant(base64.b64decode(a["base64"]), _int(a.get("seed")), a.get("finishReason", "SUCCESS"),
-                        request_id, "image/png", response.elapsed.total_seconds()) for a in artifacts]
+                        request_id, "image/png", response.elapsed.total_seconds(), sent) for a in artifacts]
 
     def _v2(self, params: Params, init: InitImage | None, seed: int | None) -> Variant:
         spec = params.spec
@@ -384,19 +400,21 @@ class StabilityClient:
         files: list[tuple[str, Any]] = [(k, (None, str(v))) for k, v in fields.items() if v is not None]
         if init is not None:
             files.insert(0, ("image", ("image.png", init.data, "image/png")))
-        size = sum(len(v[1]) if isinstance(v[1], bytes) else len(str(v[1])) for _, v in files)
+        # The body exactly as it will be sent (multipart framing included) must fit the API's 10 MiB.
+        size = len(self._http.build_request("POST", spec.path, headers=headers, files=files).read())
         if size > MAX_V2_REQUEST_BYTES:
             raise StabilityError("too_large", f"the request would be {size} bytes; the API takes at most 10 MiB")
         response = self._send(spec, headers, files=files)
         request_id = response.headers.get("x-request-id")
+        sent = {k: v for k, v in fields.items() if v is not None and k != "prompt" and k != "negative_prompt"}
         if as_json:
             body = response.json()
             return Variant(base64.b64decode(body["image"]), _int(body.get("seed")),
                            body.get("finish_reason", "SUCCESS"), request_id, f"image/{params.output_format}",
-                           response.elapsed.total_seconds())
+                           response.elapsed.total_seconds(), sent)
         return Variant(response.content, _int(response.headers.get("seed")),
                        response.headers.get("finish-reason", "SUCCESS"), request_id,
-                       response.headers.get("content-type", "image/png"), response.elapsed.total_seconds())
+                       response.headers.get("content-type", "image/png"), response.elapsed.total_seconds(), sent)
 
     def _send(self, spec: Endpoint, headers: dict[str, str], *, files: Any = None,
               json_body: Any = None) -> httpx.Response:
@@ -406,11 +424,17 @@ class StabilityClient:
             self.attempts_made += 1
             try:
                 response = self._http.post(spec.path, headers=headers, files=files, json=json_body)
-            except httpx.TransportError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # The request never reached the API: nothing was generated or billed, so try again.
                 if attempt == r.attempts:
                     raise StabilityError("network", f"cannot reach the API: {exc!r}") from None
                 r.sleep(min(r.backoff_s * 2 ** (attempt - 1), 30.0))
                 continue
+            except httpx.TransportError as exc:
+                # Sent, but the answer was lost (read timeout, dropped connection): the API may have generated
+                # and billed it, so it is not repeated.
+                raise StabilityError("network", f"the request was sent but no answer came back: {exc!r}; it may "
+                                     "have been generated (and billed) anyway") from None
             if response.status_code < 400:
                 return response
             error = _error_for(response, spec)
@@ -445,7 +469,7 @@ def _error_for(response: httpx.Response, spec: Endpoint) -> StabilityError:
         hint = "check STABILITY_API_KEY / [stability] api_key_file"
     elif status == 402 or "not have enough balance" in detail:
         code, hint = "credits", "the account is out of credits: top it up"
-    elif status == 403:
+    elif status == 403 or name == "invalid_prompts" or "invalid_prompts" in detail:
         code, hint = "moderation", "the request was flagged by content moderation: change the prompt or image"
     elif status == 413:
         code, hint = "too_large", "the request is over 10 MiB: use a smaller input image"
@@ -510,7 +534,7 @@ def generate_variants(client: StabilityClient, params: Params, inputs: list[Path
                 "endpoint": params.endpoint, "model": params.model or params.spec.model,
                 "prompt": params.prompt, "negative_prompt": params.negative_prompt,
                 "style_preset": params.style_preset, "seed": variant.seed,
-                "parameters": {k: v for k, v in vars(params).items() if v is not None and k != "emulated"},
+                "parameters": {"endpoint": params.endpoint, "variants": params.variants, **variant.sent},
                 "finish_reason": variant.finish_reason, "content_filtered": variant.finish_reason == "CONTENT_FILTERED",
                 "request_id": variant.request_id,
                 "input": input_info,

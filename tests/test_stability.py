@@ -4,6 +4,7 @@ pipeline (render -> stylize -> manifest) runs end to end on `local` and over SSH
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -416,3 +417,48 @@ def test_a_registered_key_is_scrubbed_from_tracebacks_logs_and_result_lines(tmp_
                               stderr=f"Traceback ...\nValueError: bad key {secret}\n"))
     journal.close()
     assert secret not in (tmp_path / "results.jsonl").read_text()
+
+
+def test_client_edges_found_in_review(emulator: StabilityEmulator, tmp_path: Path) -> None:
+    # Shrinking a wide input keeps it inside the 2.5:1 the API allows.
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (5000, 2000), (90, 90, 90)).save(wide)
+    init = prepare_image(wide, ENDPOINTS["control/structure"])
+    assert init.size[0] / init.size[1] <= 2.5 and init.size[0] * init.size[1] <= 9_437_184
+    with StabilityClient(KEY, emulator.base_url, retries=no_sleep()) as client:
+        assert client.generate(Params(prompt="x"), init)[0].finish_reason == "SUCCESS"
+    # A portrait image and its landscape twin pick mirrored SDXL sizes.
+    from clients.stability_client import nearest_sdxl_size
+
+    for w, h in ((2060, 1000), (1300, 1000), (1024, 1000)):
+        assert nearest_sdxl_size(h, w) == nearest_sdxl_size(w, h)[::-1]
+    # A parameter that only applies without an input is refused with one, not dropped.
+    with StabilityClient(KEY, emulator.base_url, retries=no_sleep()) as client, pytest.raises(StabilityError):
+        client.generate(Params(endpoint="generate/sd3", prompt="x", aspect_ratio="16:9"),
+                        prepare_image(wide, ENDPOINTS["generate/sd3"]))
+
+
+def test_a_request_sent_but_unanswered_is_not_repeated(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    received: list[bytes] = []
+
+    def swallow() -> None:  # reads requests, never answers: the API may be generating (and billing) them
+        server.settimeout(3)
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                received.append(conn.recv(65536))
+
+    threading.Thread(target=swallow, daemon=True).start()
+    port = server.getsockname()[1]
+    with StabilityClient(KEY, f"http://127.0.0.1:{port}", timeout_s=0.3, retries=no_sleep()) as client, \
+            pytest.raises(StabilityError) as info:
+        client.generate(Params(endpoint="generate/core", prompt="x"), None)
+    server.close()
+    assert info.value.code == "network" and "may have been generated" in info.value.message
+    assert len(received) == 1

@@ -171,7 +171,14 @@ def _filtered(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _finish(output: dict[str, Any], variants: list[dict[str, Any]]) -> Outcome:
-    """CONTENT_FILTERED images come back as HTTP 200 with a blurred picture: never a clean success."""
+    """CONTENT_FILTERED images come back as HTTP 200 with a blurred picture, ERROR ones as HTTP 200 too:
+    neither is ever a clean success."""
+    errors = [v for v in variants if v.get("finish_reason") not in ("SUCCESS", "CONTENT_FILTERED")]
+    if errors:
+        names = ", ".join(f"{v['image']} ({v.get('finish_reason')})" for v in errors)
+        return Outcome(output=output, error_code=ErrorCode.SERVER_ERROR, keep_stdout=False, error_message=(
+            f"{len(errors)} of {len(variants)} image(s) came back without finish reason SUCCESS: {names}; "
+            "try again"))
     filtered = _filtered(variants)
     if filtered:
         names = ", ".join(v["image"] for v in filtered)

@@ -203,6 +203,10 @@ class _Common:
     output_format: str
 
 
+# The v2beta OpenAPI documents' maxLength for prompt and negative_prompt.
+V2_PROMPT_MAX = 10_000
+
+
 def _v2_params(request: Incoming) -> tuple[Params, _Common]:
     if request.media_type != "multipart/form-data":
         raise Rejected(400, "bad_request", ("content-type", "must be multipart/form-data"))
@@ -210,11 +214,11 @@ def _v2_params(request: Incoming) -> tuple[Params, _Common]:
         raise Rejected(400, "bad_request", ("body", request.body_error))
     params = Params(request.fields, typed=False)
     common = _Common(
-        prompt=params.text("prompt", required=True),
+        prompt=params.text("prompt", required=True, max_len=V2_PROMPT_MAX),
         seed=params.integer("seed", 0, V2_SEED_MAX, 0),
         output_format=params.choice("output_format", OUTPUT_FORMATS) or "png",
     )
-    params.text("negative_prompt")
+    params.text("negative_prompt", max_len=V2_PROMPT_MAX)
     params.choice("style_preset", STYLE_PRESETS)
     return params, common
 
