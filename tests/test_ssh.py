@@ -3,7 +3,9 @@ a connection can fail, reported with its code rather than a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -19,7 +21,7 @@ from agent.daemon import BackgroundDaemon
 from agent.hosts.ssh import SSHHost
 from agent.results import Event
 from tests.conftest import events_of, put, ssh_host_toml, wait_terminal
-from tests.sshd import SSHServer, free_port, keygen
+from tests.sshd import SSHServer, free_port, keygen, start_sshd
 
 
 @pytest.fixture
@@ -229,3 +231,40 @@ def test_a_cancelled_command_is_stopped_on_the_host(sshd: SSHServer, make_config
 
 def _running(fifo: Path) -> bool:
     return subprocess.run(["pgrep", "-f", f"tail -n 50 -- {fifo}"], capture_output=True).returncode == 0
+
+
+def _drop_connections(server: SSHServer) -> None:
+    """Kill the server's per-connection processes: every open connection breaks, the listener stays."""
+    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def test_a_dropped_connection_fails_the_running_command_and_the_next_one_reconnects(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    server = start_sshd(tmp_path / "own-sshd")  # its own server: this test breaks its connections
+    try:
+        config = make_config(ssh_host_toml(server))
+        fifo = server.workspace / "blocked.log"
+        os.mkfifo(fifo)
+        with BackgroundDaemon(config) as bg:
+            put(config, id="first", type="df")
+            assert wait_terminal(config, {"first"})["first"].event == Event.SUCCEEDED
+            put(config, id="inflight", type="tail_log", path="blocked.log", timeout_s=60)
+            deadline = time.monotonic() + 10
+            while not _running(fifo):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            _drop_connections(server)
+            lost = wait_terminal(config, {"inflight"}, timeout_s=30)["inflight"]
+            put(config, id="after", type="df")
+            after = wait_terminal(config, {"after"}, timeout_s=30)["after"]
+            host = bg.daemon.hosts["pod1"]
+            assert isinstance(host, SSHHost) and host.connects == 2
+        assert lost.event == Event.FAILED and lost.error.code == "connection_lost"  # type: ignore[union-attr]
+        assert "may or may not have completed" in lost.error.message  # type: ignore[union-attr]
+        assert after.event == Event.SUCCEEDED
+    finally:
+        server.stop()
