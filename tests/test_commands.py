@@ -14,6 +14,7 @@ from agent.commands.base import GUARD_NOT_ALLOWED, PATH_GUARD, Target
 from agent.commands.inspect import GPU_QUERY, parse_df_line, parse_gpus
 from agent.errors import ErrorCode, NotAllowed
 from agent.hosts.base import Completed, Invocation
+from agent.hosts.ssh import remote_command_line
 from agent.requests import LsRequest, parse_line
 
 WS = Target("/workspace")
@@ -40,15 +41,16 @@ def test_absolute_paths_must_be_inside_the_workspace() -> None:
         plan(sibling, WS)
 
 
-def test_command_line_quotes_every_argument(tmp_path: Path) -> None:
+def test_the_ssh_command_line_quotes_every_argument(tmp_path: Path) -> None:
     # Past validation nothing this hostile gets in; the quoting must hold anyway (defence in depth).
     evil = "x'; touch " + str(tmp_path / "pwned") + "; echo '$(id)`id`"
     request = LsRequest.model_construct(type="ls", path=evil, timeout_s=None, id=None, host=None, meta=None)
     invocation = COMMANDS["ls"].plan(request, Target(str(tmp_path)))
-    line = invocation.command_line()
-    assert shlex.split(line) == list(invocation.host_argv())
-    subprocess.run(["sh", "-c", line], capture_output=True, check=False)
+    line = remote_command_line(invocation)  # what an SSH server hands to the login shell
+    assert shlex.split(line)[4:] == list(invocation.host_argv())
+    done = subprocess.run(["sh", "-c", line], capture_output=True, check=False)
     assert not (tmp_path / "pwned").exists()
+    assert done.stderr.startswith(b"@@podq-pid ")
 
 
 def test_guard_refuses_symlink_escape(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ local subprocess today, an SSH channel, later a detached job that survives a dro
 from __future__ import annotations
 
 import asyncio
-import shlex
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,10 +40,6 @@ class Invocation:
     def host_argv(self) -> tuple[str, ...]:
         """The argv as the host runs it: C locale for parseable output, bounded by coreutils `timeout`."""
         return ("env", "LC_ALL=C", "timeout", f"--kill-after={KILL_AFTER_S}", f"{self.timeout_s:g}", *self.argv)
-
-    def command_line(self) -> str:
-        """The quoted command line an SSH server's shell receives: no field ever reaches it unquoted."""
-        return shlex.join(self.host_argv())
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ PID_MARK = b"@@podq-pid "
 _PID_REPORT = 'printf "@@podq-pid %s\\n" "$$" >&2; exec "$@"'
 
 
-def _with_pid_report(invocation: Invocation) -> str:
+def remote_command_line(invocation: Invocation) -> str:
+    """The quoted command line the SSH server's shell receives: no request field ever reaches it unquoted."""
     return shlex.join(("sh", "-c", _PID_REPORT, "podq-run", *invocation.host_argv()))
 
 
@@ -183,7 +184,7 @@ class SSHHost(Host):
     ) -> tuple[_Link, asyncssh.SSHClientProcess[bytes]]:
         link = await self._checkout()
         try:
-            process = await link.conn.create_process(_with_pid_report(invocation), encoding=None)
+            process = await link.conn.create_process(remote_command_line(invocation), encoding=None)
         except asyncssh.ChannelOpenError as exc:
             # The server refused a session (e.g. MaxSessions under load): the command never started.
             link.busy -= 1
