@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent import constants
+from agent import constants, logs
 from agent.cli import main as podq
 from agent.config import Config
 from agent.results import Event
@@ -212,3 +212,25 @@ def test_a_key_file_others_can_read_stops_the_daemon_with_a_clear_message(
     assert "chmod 600" in capsys.readouterr().err
     key.chmod(0o600)
     assert podq(["run", "--until-idle"]) == 0
+
+
+def test_the_readme_main_job_runs_on_the_embedded_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    monkeypatch.chdir(tmp_path)  # no podq.toml here: the embedded default (a local host)
+    monkeypatch.delenv("STABILITY_API_KEY", raising=False)
+    try:
+        assert podq(["demo"]) == 0
+    finally:
+        logs.configure(None)  # the demo logs to its queue folder; later tests log as before
+    out = capsys.readouterr().out
+    assert "the embedded default config" in out
+    for kind in ("ping", "gpu", "df", "ls", "tail_log"):
+        assert f"{kind}@local  succeeded" in out
+    assert "ls@local  rejected  not_allowed" in out
+    if shutil.which("blender"):
+        assert "character@local  succeeded" in out and "emulator of the Stability API" in out
+        manifests = list((tmp_path / "artifacts").rglob("character_*.json"))
+        assert len(manifests) == 1 and orjson.loads(manifests[0].read_bytes())["emulated"] is True
