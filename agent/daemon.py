@@ -123,7 +123,7 @@ class Daemon:
                 cursor = self.state.cursor()
                 self.reader = RequestsReader(
                     self.config.requests_path, generation=cursor.generation, dev=cursor.dev, ino=cursor.ino,
-                    offset=cursor.offset, tail=cursor.tail,
+                    offset=cursor.offset, tail=cursor.tail, prefix_sha256=cursor.prefix_sha256,
                 )
                 log.info("daemon.started", queue=str(self.queue_dir), hosts=list(self.hosts), pid=os.getpid())
                 self._recover()
@@ -132,6 +132,7 @@ class Daemon:
                     await self._serve(stop)
                 finally:
                     await self._drain()  # running jobs finish (or are cancelled) before the journal closes
+                self.state.set_prefix_sha256(self.reader.prefix_sha256())  # a clean stop
             finally:
                 watcher.stop()
                 if self._emulator is not None:

@@ -7,6 +7,7 @@ again from its start.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,17 +35,20 @@ class RequestsReader:
     """Complete lines of requests.jsonl from a saved position, following truncation and rotation."""
 
     def __init__(
-        self, path: Path, *, generation: int, dev: int | None, ino: int | None, offset: int, tail: bytes = b""
+        self, path: Path, *, generation: int, dev: int | None, ino: int | None, offset: int, tail: bytes = b"",
+        prefix_sha256: str | None = None,
     ) -> None:
         self.path = path
         self.generation = generation
         self.offset = offset
         self._fd: int | None = None
         self._identity = (dev, ino)
-        # The last bytes before `offset` as they were read (kept in podq's state across restarts). If they
-        # change, the file was truncated and written again past our offset, which its size alone cannot tell;
-        # if a new file holds them at the same place, it is the same content saved anew (an editor's save).
+        # The last bytes before `offset` as they were read (kept in podq's state across restarts): if they
+        # change, the same file was truncated and written again past our offset, which its size cannot tell.
         self.tail = tail
+        # sha256 of the file's first `offset` bytes, as recorded when podq last stopped cleanly: a file that
+        # replaced it while podq was down and starts with exactly those bytes is the same lines saved anew.
+        self._prefix_sha256 = prefix_sha256
 
     @property
     def dev(self) -> int:
@@ -71,15 +75,23 @@ class RequestsReader:
             if change == "replaced":
                 # Lines the old file got between our last read and the switch still count.
                 yield from self._complete_lines()
-                self.close()
-                self._open(first=False)
+                old, self._fd = self._fd, None
+                try:
+                    self._open(first=False, old=old)
+                finally:
+                    if old is not None:
+                        os.close(old)
 
-    def _open(self, *, first: bool) -> None:
+    def prefix_sha256(self) -> str | None:
+        """sha256 of the first `offset` bytes of the current file (podq records it when it stops cleanly)."""
+        return None if self._fd is None else _prefix_digest(self._fd, self.offset)
+
+    def _open(self, *, first: bool, old: int | None = None) -> None:
         fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         st = os.fstat(fd)
         identity = (st.st_dev, st.st_ino)
         if self._identity != (None, None) and identity != self._identity:
-            if self._holds_tail(fd, st.st_size):
+            if self._resaved(fd, st.st_size, old):
                 log.info("queue.resaved", path=str(self.path), offset=self.offset)  # same lines, new file
             else:
                 why = "was replaced while podq was down" if first else "was rotated"
@@ -114,6 +126,15 @@ class RequestsReader:
             return "truncated"
         return None
 
+    def _resaved(self, fd: int, size: int, old: int | None) -> bool:
+        """Whether a new file begins with exactly the bytes podq already read (an editor's save of the same
+        lines plus new ones): compared byte for byte with the old file, or with the digest from a clean stop."""
+        if self.offset == 0 or size < self.offset:
+            return False
+        if old is not None:
+            return _prefix_digest(old, self.offset) == _prefix_digest(fd, self.offset)
+        return self._prefix_sha256 is not None and self._prefix_sha256 == _prefix_digest(fd, self.offset)
+
     def _holds_tail(self, fd: int, size: int) -> bool:
         if not self.tail:
             return True
@@ -144,7 +165,8 @@ class RequestsReader:
                     data = bytes(pending) if len(pending) <= constants.MAX_LINE_BYTES else None
                 end = pos - len(chunk) + nl + 1
                 self.offset = end
-                self.tail = (data or b"")[-(_TAIL_BYTES - 1):] + b"\n"
+                # Exactly the file's bytes before the new offset (a skipped over-long line included).
+                self.tail = os.pread(self._fd, min(_TAIL_BYTES, end), end - min(_TAIL_BYTES, end))
                 yield RawLine(start, end, data)
                 pending.clear()
                 skipping = False
@@ -184,6 +206,18 @@ class ResultsJournal:
         if written != len(data):  # only on a full disk; finish the line rather than leave it torn
             os.write(self._fd, data[written:])
         return os.lseek(self._fd, 0, os.SEEK_CUR)
+
+
+def _prefix_digest(fd: int, size: int) -> str:
+    digest = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(constants.READ_CHUNK_BYTES, size - pos), pos)
+        if not chunk:
+            break
+        digest.update(chunk)
+        pos += len(chunk)
+    return digest.hexdigest()
 
 
 def read_range(path: Path, offset: int, size: int) -> bytes:

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS cursor (
     dev INTEGER, ino INTEGER,           -- identity of the file the offset belongs to
     offset INTEGER NOT NULL,            -- bytes of requests.jsonl already claimed
     results_checkpoint INTEGER NOT NULL, -- results.jsonl size at the last committed event
-    tail BLOB                           -- the last bytes before `offset` (to tell a rewrite from a save)
+    tail BLOB,                          -- the last bytes before `offset` (to notice a rewrite)
+    prefix_sha256 TEXT                  -- sha256 of requests.jsonl's first `offset` bytes, at a clean stop
 );
 CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,6 +67,7 @@ class Cursor:
     offset: int
     results_checkpoint: int
     tail: bytes = b""
+    prefix_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,20 +134,34 @@ class StateStore:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(requests)")}
         if "output" not in columns:
             self._db.execute("ALTER TABLE requests ADD COLUMN output BLOB")
-        if "tail" not in {r[1] for r in self._db.execute("PRAGMA table_info(cursor)")}:
+        cursor_columns = {r[1] for r in self._db.execute("PRAGMA table_info(cursor)")}
+        if "tail" not in cursor_columns:
             self._db.execute("ALTER TABLE cursor ADD COLUMN tail BLOB")
+        if "prefix_sha256" not in cursor_columns:
+            self._db.execute("ALTER TABLE cursor ADD COLUMN prefix_sha256 TEXT")
 
     # -- cursor --------------------------------------------------------------------------------------------
 
     def cursor(self) -> Cursor:
-        r = self._db.execute("SELECT generation, dev, ino, offset, results_checkpoint, tail FROM cursor").fetchone()
-        return Cursor(r["generation"], r["dev"], r["ino"], r["offset"], r["results_checkpoint"], r["tail"] or b"")
+        # A state file from an older podq, opened read-only (`podq status`), may lack the newer columns.
+        columns = {c[1] for c in self._db.execute("PRAGMA table_info(cursor)")}
+        tail = "tail" if "tail" in columns else "NULL AS tail"
+        prefix = "prefix_sha256" if "prefix_sha256" in columns else "NULL AS prefix_sha256"
+        r = self._db.execute(
+            f"SELECT generation, dev, ino, offset, results_checkpoint, {tail}, {prefix} FROM cursor"
+        ).fetchone()
+        return Cursor(r["generation"], r["dev"], r["ino"], r["offset"], r["results_checkpoint"], r["tail"] or b"",
+                      r["prefix_sha256"])
 
     def set_position(self, generation: int, dev: int, ino: int, offset: int, tail: bytes) -> None:
         self._db.execute(
-            "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?, tail = ?",
+            "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?, tail = ?, prefix_sha256 = NULL",
             (generation, dev, ino, offset, tail),
         )
+
+    def set_prefix_sha256(self, digest: str | None) -> None:
+        """Recorded at a clean stop; any later move of the cursor clears it (see RequestsReader)."""
+        self._db.execute("UPDATE cursor SET prefix_sha256 = ?", (digest,))
 
     def set_checkpoint(self, results_offset: int) -> None:
         self._db.execute("UPDATE cursor SET results_checkpoint = ?", (results_offset,))
@@ -170,7 +186,7 @@ class StateStore:
                  claim.host, RECEIVED, claim.request, claim.meta, claim.error_code, claim.error_message, ts, ts),
             )
             self._db.execute(
-                "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?, tail = ?",
+                "UPDATE cursor SET generation = ?, dev = ?, ino = ?, offset = ?, tail = ?, prefix_sha256 = NULL",
                 (claim.generation, dev, ino, next_offset, tail),
             )
         assert cur.lastrowid is not None

@@ -22,6 +22,7 @@ Arguments (JSON):
     out_dir         where images land, relative to the workspace (default "output")
     emulated        whether base_url is podq's emulator (recorded in the manifests)
     client_options  extra client flags (retries)
+    endpoint_takes  the parameters the chosen endpoint takes: scene settings outside them are left out
 
 AI Render's settings (`scene.air_props`) are read from the addon when it is registered, else from the
 scene's saved data (a .blend saved with the addon keeps them as plain properties): prompt_text,
@@ -188,7 +189,12 @@ def main():
         image_path = render_scene(scene, workspace)
     else:
         image_path = newest_render(workspace)
-    params = {"endpoint": "sdxl/image-to-image", **to_client_params(settings), **args.get("stylize", {})}
+    scene_params = to_client_params(settings)
+    takes = args.get("endpoint_takes")
+    if takes is not None:  # only what the chosen endpoint takes (podq names it): the rest stays with the scene
+        common = {"prompt", "negative_prompt", "style_preset", "seed", "variants"}
+        scene_params = {k: v for k, v in scene_params.items() if k in common or k in takes}
+    params = {"endpoint": "sdxl/image-to-image", **scene_params, **args.get("stylize", {})}
     params["emulated"] = bool(args.get("emulated"))
     info = {"settings_from": source, "ai_render_settings": settings, "input": os.path.relpath(image_path, workspace)}
     base.emit("INFO", json.dumps(info, default=str))

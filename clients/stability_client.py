@@ -497,6 +497,7 @@ def _reserve_version(out_dir: Path, base: str) -> str:
             fd = os.open(out_dir / f"{stem}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             continue
+        os.write(fd, b'{"status": "writing"}\n')  # what is left if the client dies before the manifest
         os.close(fd)
         return stem
 

@@ -52,7 +52,9 @@ class SSHServer:
                 self.process.kill()
 
 
-def start_sshd(root: Path, *, skip_bashrc: bool = True, max_sessions: int = 10) -> SSHServer:
+def start_sshd(
+    root: Path, *, skip_bashrc: bool = True, max_sessions: int = 10, extra_config: tuple[str, ...] = ()
+) -> SSHServer:
     """Start sshd (as the current user) serving only `root`'s keys on 127.0.0.1."""
     root.mkdir(parents=True, exist_ok=True)
     keygen(root / "ssh_host_ed25519_key")
@@ -81,6 +83,7 @@ def start_sshd(root: Path, *, skip_bashrc: bool = True, max_sessions: int = 10) 
     if skip_bashrc:
         # Debian's bash skips ~/.bashrc for ssh commands when SHLVL is set: no pyenv init on every command.
         lines.append("SetEnv SHLVL=1")
+    lines.extend(extra_config)
     (root / "sshd_config").write_text("\n".join(lines) + "\n")
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory sshd insists on
     process = subprocess.Popen(

@@ -161,3 +161,45 @@ def test_a_file_rewritten_while_podq_was_down_is_read_again_from_its_start(local
     with BackgroundDaemon(local_config):
         results = wait_terminal(local_config, {"b1", "b2", "b3", "b4"})
     assert {r.event for r in results.values()} == {Event.SUCCEEDED}
+
+
+def test_a_new_file_that_only_ends_like_the_old_one_is_read_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    suffix = ', "type": "gpu", "meta": {"note": "the same long suffix on every line, past sixty-four bytes"}}\n'
+    path.write_bytes(b"".join(b'{"id": "job-%04d"' % i + suffix.encode() for i in range(1, 4)))
+    reader = RequestsReader(path, generation=0, dev=None, ino=None, offset=0)
+    assert len(list(reader.lines())) == 3
+    rotated = tmp_path / "incoming.jsonl"
+    rotated.write_bytes(b"".join(b'{"id": "job-%04d"' % i + suffix.encode() for i in range(101, 106)))
+    os.replace(rotated, path)
+    assert [orjson.loads(line.data or b"")["id"] for line in reader.lines()] == [
+        "job-0101", "job-0102", "job-0103", "job-0104", "job-0105"]
+
+
+def test_an_editor_save_while_podq_was_stopped_does_not_rerun_lines(local_config: Config) -> None:
+    with BackgroundDaemon(local_config):
+        write_raw(local_config, b'{"type": "gpu", "meta": {"n": 1}}\n')
+        wait_lines(local_config, 1)
+    saved = local_config.requests_path.read_bytes() + b'{"type": "gpu", "meta": {"n": 2}}\n'
+    tmp = local_config.requests_path.with_name(".requests.jsonl.swp")
+    tmp.write_bytes(saved)
+    os.replace(tmp, local_config.requests_path)  # a new file (inode) with the same first line
+    with BackgroundDaemon(local_config):
+        lines = wait_lines(local_config, 2)
+    assert [line.meta for line in lines] == [{"n": 1}, {"n": 2}]
+
+
+def test_status_reads_a_state_file_from_an_older_podq(local_config: Config) -> None:
+    from agent.state import StateStore
+
+    path = local_config.queue.dir / "podq.sqlite3"
+    local_config.queue.dir.mkdir(parents=True, exist_ok=True)
+    store = StateStore(path)
+    store._db.execute("ALTER TABLE cursor DROP COLUMN tail")  # as an older podq created it
+    store._db.execute("ALTER TABLE cursor DROP COLUMN prefix_sha256")
+    store.close()
+    cursor = StateStore(path, readonly=True).cursor()
+    assert cursor.tail == b"" and cursor.prefix_sha256 is None
+    with BackgroundDaemon(local_config):  # the daemon migrates it
+        put(local_config, id="after-upgrade", type="gpu")
+        assert wait_terminal(local_config, {"after-upgrade"})["after-upgrade"].event == Event.SUCCEEDED

@@ -268,3 +268,30 @@ def test_a_dropped_connection_fails_the_running_command_and_the_next_one_reconne
         assert after.event == Event.SUCCEEDED
     finally:
         server.stop()
+
+
+def test_a_chatty_login_shell_does_not_hide_the_pid_line(make_config: Callable[..., Config], tmp_path: Path) -> None:
+    noise = tmp_path / "noise.sh"
+    noise.write_text("echo 'bash: warning: setlocale: LC_ALL: cannot change locale' >&2\n")
+    server = start_sshd(tmp_path / "chatty-sshd", skip_bashrc=False,  # one SetEnv line: sshd takes only the first
+                        extra_config=(f"SetEnv SHLVL=1 BASH_ENV={noise}",))
+    try:
+        config = make_config(ssh_host_toml(server), grace_s=0.3)
+        fifo = server.workspace / "blocked.log"
+        os.mkfifo(fifo)
+        with BackgroundDaemon(config):
+            put(config, id="df", type="df")
+            done = wait_terminal(config, {"df"})["df"]
+            put(config, id="stuck", type="tail_log", path="blocked.log", timeout_s=120)
+            deadline = time.monotonic() + 10
+            while not _running(fifo):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert done.event == Event.SUCCEEDED
+        assert "cannot change locale" in (done.stderr or "") and "@@podq-pid" not in (done.stderr or "")
+        deadline = time.monotonic() + 5
+        while _running(fifo):
+            assert time.monotonic() < deadline, "the cancelled command still runs on the host"
+            time.sleep(0.05)
+    finally:
+        server.stop()

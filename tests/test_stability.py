@@ -370,7 +370,10 @@ def test_ai_render_with_and_without_ai_render_settings(make_config: Callable[...
         put(config, id="noprompt", type="ai_render", blend="scenes/without.blend")
         put(config, id="args", type="ai_render", blend="scenes/without.blend",
             stylize={"prompt": "a glass cube", "steps": 20})
-        results = wait_terminal(config, {"air", "noprompt", "args"}, timeout_s=120)
+        # Scene settings a control endpoint does not take (steps, strength...) stay with the scene.
+        put(config, id="control", type="ai_render", blend="scenes/with.blend",
+            stylize={"endpoint": "control/structure"})
+        results = wait_terminal(config, {"air", "noprompt", "args", "control"}, timeout_s=120)
         put(config, id="last", type="ai_render", stylize={"prompt": "from the last render"})
         results |= wait_terminal(config, {"last"}, timeout_s=120)
     air = results["air"]
@@ -389,6 +392,7 @@ def test_ai_render_with_and_without_ai_render_settings(make_config: Callable[...
     assert "no prompt" in results["noprompt"].error.message  # type: ignore[union-attr]
     args = results["args"]
     assert args.event == Event.SUCCEEDED and (args.output or {})["settings_from"] is None
+    assert results["control"].event == Event.SUCCEEDED, results["control"]
     assert results["last"].event == Event.SUCCEEDED, results["last"]
     assert (results["last"].output or {})["input"].startswith("renders/ai_base_")
     assert os.environ.get("STABILITY_API_KEY") is None
@@ -462,3 +466,20 @@ def test_a_request_sent_but_unanswered_is_not_repeated(tmp_path: Path) -> None:
     server.close()
     assert info.value.code == "network" and "may have been generated" in info.value.message
     assert len(received) == 1
+
+
+@needs_blender
+def test_a_character_sheet_renders_the_character_by_default(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    config = local_config(make_config, tmp_path)
+    with BackgroundDaemon(config):
+        put(config, id="sheet", type="character", download=True,
+            render={"script": "generate_pose_scene.py", "args": {"views": 2, "resolution": [64, 64], "samples": 2}},
+            stylize={"prompt": "a knight"})
+        result = wait_terminal(config, {"sheet"}, timeout_s=120)["sheet"]
+    assert result.event == Event.SUCCEEDED, result
+    sidecars = [orjson.loads(Path(a["local_path"]).read_bytes()) for a in (result.output or {})["artifacts"]
+                if a["path"].startswith("renders/") and a["path"].endswith(".json")]
+    assert len(sidecars) == 2 and {s["args"]["subject"] for s in sidecars} == {"character"}
+    assert len(variants_of(result)) == 2  # one per view

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from agent import artifacts
+from agent.blender.args import SCRIPT_ARGS
 from agent.blender.output import BlenderOutput
 from agent.blender.scripts import REMOTE_FOLDER, ScriptLibrary
 from agent.blender.sync import sync_folder, sync_scripts
@@ -195,9 +196,16 @@ class StabilityGenerate(CommandType[StabilityGenerateRequest]):
         check_stylize(request.stylize)
         for path in request.inputs or []:
             relative_to_workspace(path, target.workspace)
-        needs_image = stability_client.ENDPOINTS[request.stylize.endpoint].image == "required"
-        if needs_image and request.inputs is None and request.from_job is None:
-            raise RequestError(f"endpoint {request.stylize.endpoint} needs input images: give `inputs` or `from_job`")
+        spec = stability_client.ENDPOINTS[request.stylize.endpoint]
+        has_images = request.inputs is not None or request.from_job is not None
+        if spec.image == "required" and not has_images:
+            raise RequestError(f"endpoint {spec.name} needs input images: give `inputs` or `from_job`")
+        if spec.image == "none" and has_images:
+            raise RequestError(f"endpoint {spec.name} takes no input image: leave out `inputs` and `from_job`")
+        if spec.image == "optional" and has_images and request.stylize.aspect_ratio is not None:
+            raise RequestError(f"`stylize.aspect_ratio` applies to {spec.name} only without input images")
+        if spec.image == "optional" and not has_images and request.stylize.strength is not None:
+            raise RequestError(f"`stylize.strength` applies to {spec.name} only with input images")
         # The argv is built when it runs: inputs may come from another job, and the emulator's address too.
         return Invocation(("true",), request.effective_timeout_s)
 
@@ -230,8 +238,9 @@ class Character(CommandType[CharacterRequest]):
 
     def _render_request(self, request: CharacterRequest) -> BlenderRenderRequest:
         # A `character` request renders the procedural character unless it names another subject.
-        args = {"subject": "character", **request.render.args} if request.render.script == "make_base_scene.py" \
-            else request.render.args
+        model = SCRIPT_ARGS.get(request.render.script)
+        takes_subject = model is not None and "subject" in model.model_fields
+        args = {"subject": "character", **request.render.args} if takes_subject else request.render.args
         return BlenderRenderRequest(type="blender_render", id=request.id, host=request.host,
                                     script=request.render.script, args=args, timeout_s=request.timeout_s)
 
@@ -322,6 +331,8 @@ class AiRender(CommandType[AiRenderRequest]):
             "workspace": ws, "blend": relative_to_workspace(request.blend, ws) if request.blend else None,
             # Only what the request set: the rest comes from the scene's AI Render settings, when it has them.
             "stylize": request.stylize.model_dump(exclude_unset=True, exclude_none=True),
+            # Scene settings the chosen endpoint does not take are left out rather than refused by the client.
+            "endpoint_takes": list(stability_client.ENDPOINTS[request.stylize.endpoint].takes),
             "python": ctx.target.python, "client": f"{ws}/{REMOTE_CLIENTS}/stability_client.py",
             "base_url": base_url, "out_dir": OUTPUT_DIR, "emulated": emulated,
             "client_options": _client_options(ctx),

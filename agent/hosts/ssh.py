@@ -44,6 +44,24 @@ PID_MARK = b"@@podq-pid "
 _PID_REPORT = 'printf "@@podq-pid %s\\n" "$$" >&2; exec "$@"'
 
 
+_PID_SEARCH_BYTES = 64 * 1024
+
+
+def _take_pid_line(head: bytes) -> tuple[int, bytes] | None:
+    """(pid, stderr without the pid line) once the pid line is complete in `head`; None until then."""
+    start = 0 if head.startswith(PID_MARK) else head.find(b"\n" + PID_MARK) + 1
+    if start == 0 and not head.startswith(PID_MARK):
+        return None
+    end = head.find(b"\n", start)
+    if end == -1:
+        return None
+    try:
+        pid = int(head[start + len(PID_MARK):end])
+    except ValueError:
+        return None
+    return pid, head[:start] + head[end + 1:]
+
+
 def remote_command_line(invocation: Invocation) -> str:
     """The quoted command line the SSH server's shell receives: no request field ever reaches it unquoted."""
     return shlex.join(("sh", "-c", _PID_REPORT, "podq-run", *invocation.host_argv()))
@@ -212,17 +230,20 @@ class SSHHost(Host):
                 capture.feed(chunk)
 
         async def pump_stderr() -> None:
+            # The pid line comes before anything the command prints, but a login shell may print first
+            # (a chatty ~/.bashrc): look for it in the first lines, and pass everything else on.
             nonlocal pid
-            first = b""
-            while b"\n" not in first and (chunk := await process.stderr.read(65536)):
-                first += chunk
-            line, _, rest = first.partition(b"\n")
-            if line.startswith(PID_MARK):
-                pid = int(line[len(PID_MARK):])
-            else:
-                rest = first
-            if rest:
-                stderr.feed(rest)
+            head = b""
+            while (chunk := await process.stderr.read(65536)):
+                head += chunk
+                found = _take_pid_line(head)
+                if found is not None:
+                    pid, head = found
+                    break
+                if len(head) > _PID_SEARCH_BYTES:
+                    break
+            if head:
+                stderr.feed(head)
             await pump(process.stderr, stderr)
 
         try:
@@ -261,14 +282,30 @@ class SSHHost(Host):
         """Stop a command that is being abandoned. Closing its channel would not: OpenSSH sends no signal to a
         command without a terminal (nor does it act on the protocol's signal request), so the job would run
         on, holding the GPU. The command's process group is led by coreutils `timeout` (its pid reported
-        first thing): TERM it now, KILL it 5 s later."""
-        if pid is None or not link.usable:
+        first thing): TERM it now, KILL it 5 s later. (`kill -SIG -PGID`, without `--`: dash refuses that.)"""
+        if pid is None:
             return
-        stop = f"kill -TERM -- -{pid} 2>/dev/null; (sleep 5; kill -KILL -- -{pid}) >/dev/null 2>&1 </dev/null &"
-        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
-            async with asyncio.timeout(5):
-                await link.conn.run(stop, check=False)
-        log.info("ssh.stopped_remote", host=self.name, pid=pid)
+        stop = f"kill -TERM -{pid} 2>/dev/null; (sleep 5; kill -KILL -{pid}) >/dev/null 2>&1 </dev/null &"
+        try:
+            async with asyncio.timeout(10):
+                if link.usable:
+                    try:
+                        done = await link.conn.run(stop, check=False)
+                    except asyncssh.ChannelOpenError:
+                        done = None  # the server's session limit: go through a connection of its own
+                else:
+                    done = None
+                if done is None:
+                    spare = await self._connect()
+                    try:
+                        done = await spare.conn.run(stop, check=False)
+                    finally:
+                        self._links.remove(spare)
+                        spare.conn.close()
+        except (asyncssh.Error, OSError, TimeoutError, HostError) as exc:
+            log.warning("ssh.stop_failed", host=self.name, pid=pid, error=str(exc))
+            return
+        log.info("ssh.stopped_remote", host=self.name, pid=pid, exit_status=done.exit_status)
 
     async def _checkout(self) -> _Link:
         """A connection with a free channel: the least busy open one, else a new one."""
