@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,11 +40,15 @@ class ArtifactError(HostError):
     pass
 
 
-async def describe(host: Host, paths: list[str], timeout_s: float = 120) -> tuple[list[Artifact], dict[str, str]]:
-    """Size and sha256 of each file on the host; the second value maps each path that could not be read to
-    why (missing, outside the workspace, not a file)."""
+_WHY = {"missing": "does not exist", "outside": "is outside the workspace", "notfile": "is not a regular file"}
+
+
+async def describe(host: Host, paths: list[str], *, what: str, timeout_s: float = 120) -> list[Artifact]:
+    """Size and sha256 of each file, measured on the host after resolving it there. Any path that is missing,
+    not a file, or leads out of the workspace fails them all: PodqError `not_allowed` when one leads out,
+    else `not_found`, its message starting with `what`."""
     if not paths:
-        return [], {}
+        return []
     invocation = Invocation(("sh", "-c", DESCRIBE_SCRIPT, "podq-describe", host.workspace, *paths), timeout_s)
     done = await host.run(invocation)
     if done.exit_code != 0:
@@ -53,15 +58,26 @@ async def describe(host: Host, paths: list[str], timeout_s: float = 120) -> tupl
             code=ErrorCode.WORKSPACE_MISSING if done.exit_code == 96 else ErrorCode.NONZERO_EXIT,
         )
     found: list[Artifact] = []
-    problems: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []  # (kind, path)
     for line in done.stdout.decode(errors="replace").splitlines():
         fields = line.split("\t")
         if fields[0] == "ok" and len(fields) == 4:
             found.append(Artifact(path=fields[3], size=int(fields[2]), sha256=fields[1]))
         elif len(fields) == 2:
-            problems[fields[1]] = {"missing": "does not exist", "outside": "is outside the workspace",
-                                   "notfile": "is not a regular file"}.get(fields[0], fields[0])
-    return found, problems
+            problems.append((fields[0], fields[1]))
+    if problems:
+        listed = "; ".join(f"{path} {_WHY.get(kind, kind)}" for kind, path in problems)
+        outside = any(kind == "outside" for kind, _ in problems)
+        raise PodqError(f"{what}: {listed}", code=ErrorCode.NOT_ALLOWED if outside else ErrorCode.NOT_FOUND)
+    return found
+
+
+async def deliver(host: Host, paths: list[str], dest: Path | None, *, what: str) -> list[dict[str, Any]]:
+    """Describe the files and, when `dest` is given, download them there: the `artifacts` of a result."""
+    made = await describe(host, paths, what=what)
+    if dest is not None:
+        made = await download(host, made, dest)
+    return [a.model_dump(exclude_none=True) for a in made]
 
 
 async def download(host: Host, artifacts: list[Artifact], dest: Path) -> list[Artifact]:

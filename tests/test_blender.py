@@ -218,7 +218,9 @@ def test_progress_arrives_during_a_longer_render_then_fetch(local_render: Config
     put(local_render, id="get", type="fetch", from_job="long")
     put(local_render, id="get2", type="fetch", paths=[artifact(result, ".json")["path"]])
     put(local_render, id="get3", type="fetch", from_job="nope")
-    fetched = wait_terminal(local_render, {"get", "get2", "get3"})
+    put(local_render, id="get4", type="fetch", paths=["renders/outside_view.png"])  # missing, despite its name
+    fetched = wait_terminal(local_render, {"get", "get2", "get3", "get4"})
+    assert fetched["get4"].error.code == "not_found"  # type: ignore[union-attr]
     assert fetched["get"].event == Event.SUCCEEDED
     for a in fetched["get"].output["artifacts"]:  # type: ignore[index]
         assert hashlib.sha256(Path(a["local_path"]).read_bytes()).hexdigest() == a["sha256"]

@@ -17,7 +17,7 @@ from agent.blender.output import BlenderOutput
 from agent.blender.scripts import REMOTE_FOLDER
 from agent.blender.sync import sync_scripts
 from agent.commands.base import CommandType, ExecContext, Outcome, Target, nonzero
-from agent.errors import ErrorCode, RequestError
+from agent.errors import ErrorCode, PodqError, RequestError
 from agent.hosts.base import Completed, Invocation
 from agent.requests import BlenderRenderRequest
 
@@ -48,47 +48,65 @@ class BlenderRender(CommandType[BlenderRenderRequest]):
     ) -> tuple[Completed, Outcome]:
         synced = await sync_scripts(ctx.host, ctx.scripts)
         ctx.progress({"fraction": 0.0, "stage": "scripts_synced", "uploaded": synced.uploaded})
-        reader = BlenderOutput()
-        last_emit = 0.0
-
-        def on_line(stream: str, line: str) -> None:
-            nonlocal last_emit
-            update = reader.feed(line)
-            now = time.monotonic()
-            if update is not None and ("saved" in update or now - last_emit >= 1 / PROGRESS_PER_S):
-                last_emit = now
-                ctx.progress(update)
-
-        completed = await ctx.host.run(invocation, on_line)
+        run = ScriptRun(ctx)
+        completed = await run.run(invocation)
         script_info: dict[str, Any] = {
             "script": request.script,
             "script_sha256": synced.hashes.get(request.script),
-            "device": reader.device,
+            "device": run.reader.device,
         }
         if completed.exit_code is None or completed.timed_out:
             return completed, Outcome(output=script_info)  # the daemon reports the timeout
         if completed.exit_code != 0:
-            return completed, self._failure(completed, reader, script_info)
-        made, problems = await artifacts.describe(ctx.host, reader.outputs)
-        if problems:
-            listed = "; ".join(f"{path} {why}" for path, why in problems.items())
-            return completed, Outcome(output=script_info, error_code=ErrorCode.NOT_ALLOWED
-                                      if "outside" in listed else ErrorCode.NOT_FOUND,
-                                      error_message=f"the script reported files podq cannot deliver: {listed}")
-        if request.download:
-            made = await artifacts.download(ctx.host, made, ctx.artifacts_dir / ctx.request_id)
-        output = {**script_info, "artifacts": [a.model_dump(exclude_none=True) for a in made]}
-        return completed, Outcome(output=output, keep_stdout=False)
+            return completed, run.failure(completed, script_info)
+        dest = ctx.artifacts_dir / ctx.request_id if request.download else None
+        try:
+            made = await artifacts.deliver(ctx.host, run.reader.outputs, dest,
+                                           what="the script reported files podq cannot deliver")
+        except PodqError as exc:
+            return completed, Outcome(output=script_info, error_code=exc.code, error_message=exc.message)
+        return completed, Outcome(output={**script_info, "artifacts": made}, keep_stdout=False)
 
-    def _failure(self, completed: Completed, reader: BlenderOutput, info: dict[str, Any]) -> Outcome:
-        if reader.error is not None:
-            code, message = reader.error
+
+class ScriptRun:
+    """Runs a script on the host (Blender, or podq's client) and reads its output as it streams: Blender's
+    lines and podq's markers become rate-limited progress, and a failure becomes the code the script named."""
+
+    def __init__(self, ctx: ExecContext, stage: str | None = None, expected_variants: int | None = None) -> None:
+        self.ctx = ctx
+        self.stage = stage
+        self.expected = expected_variants
+        self.reader = BlenderOutput()
+        self._last = 0.0
+
+    async def run(self, invocation: Invocation) -> Completed:
+        return await self.ctx.host.run(invocation, self._on_line)
+
+    def _on_line(self, stream: str, line: str) -> None:
+        update = self.reader.feed(line)
+        if update is None:
+            return
+        if "variant" in update and self.expected:
+            update["fraction"] = round(min(1.0, len(self.reader.variants) / self.expected), 4)
+        now = time.monotonic()
+        # A saved file or a finished variant is always reported; the rest at most PROGRESS_PER_S a second.
+        if "saved" in update or "variant" in update or now - self._last >= 1 / PROGRESS_PER_S:
+            self._last = now
+            self.ctx.progress(update if self.stage is None else {**update, "stage": self.stage})
+
+    def failure(self, completed: Completed, output: dict[str, Any], *, missing_module_hint: str = "") -> Outcome:
+        """A non-zero exit: the code of the script's PODQ_ERROR, else `nonzero_exit` naming the exception."""
+        if self.reader.error is not None:
+            code, message = self.reader.error
             known = {c.value for c in ErrorCode}
-            return Outcome(output=info, error_code=ErrorCode(code) if code in known else ErrorCode.NONZERO_EXIT,
+            return Outcome(output=output, error_code=ErrorCode(code) if code in known else ErrorCode.NONZERO_EXIT,
                            error_message=message)
         outcome = nonzero(completed)
-        if reader.last_exception:
-            return Outcome(output=info, error_code=outcome.error_code, error_message=(
-                f"the script failed: {reader.last_exception} (Blender exited {completed.exit_code}; "
-                "the traceback is in `stderr`)"))
-        return Outcome(output=info, error_code=outcome.error_code, error_message=outcome.error_message)
+        if self.reader.last_exception:
+            return Outcome(output=output, error_code=outcome.error_code, error_message=(
+                f"the script failed: {self.reader.last_exception} (exit status {completed.exit_code}; the "
+                "traceback is in `stderr`)"))
+        if missing_module_hint and "No module named" in completed.stderr.decode(errors="replace"):
+            return Outcome(output=output, error_code=outcome.error_code,
+                           error_message=f"{outcome.error_message}: {missing_module_hint}")
+        return Outcome(output=output, error_code=outcome.error_code, error_message=outcome.error_message)

@@ -34,13 +34,8 @@ class Fetch(CommandType[FetchRequest]):
             paths = [a["path"] for a in listed]
         else:
             paths = [relative_to_workspace(p, ctx.host.workspace) for p in request.paths or []]
-        found, problems = await artifacts.describe(ctx.host, paths)
-        if problems:
-            listed_problems = "; ".join(f"{path} {why}" for path, why in problems.items())
-            code = ErrorCode.NOT_ALLOWED if "outside" in listed_problems else ErrorCode.NOT_FOUND
-            raise PodqError(f"cannot fetch: {listed_problems}", code=code)
-        fetched = await artifacts.download(ctx.host, found, ctx.artifacts_dir / ctx.request_id)
-        output: dict[str, Any] = {"artifacts": [a.model_dump() for a in fetched]}
+        fetched = await artifacts.deliver(ctx.host, paths, ctx.artifacts_dir / ctx.request_id, what="cannot fetch")
+        output: dict[str, Any] = {"artifacts": fetched}
         if request.from_job is not None:
             output["from_job"] = request.from_job
         return done, Outcome(output=output, keep_stdout=False, command_ran=False)

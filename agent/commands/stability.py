@@ -14,13 +14,12 @@ import orjson
 
 from agent import artifacts
 from agent.blender.args import SCRIPT_ARGS
-from agent.blender.output import BlenderOutput
 from agent.blender.scripts import REMOTE_FOLDER, ScriptLibrary
 from agent.blender.sync import sync_folder, sync_scripts
-from agent.commands.base import CommandType, ExecContext, Outcome, Target, nonzero, relative_to_workspace
-from agent.commands.blender import PROGRESS_PER_S, BlenderRender, blender_argv
+from agent.commands.base import CommandType, ExecContext, Outcome, Target, relative_to_workspace
+from agent.commands.blender import BlenderRender, ScriptRun, blender_argv
 from agent.errors import ErrorCode, PodqError, RequestError
-from agent.hosts.base import Completed, Invocation, LineHandler
+from agent.hosts.base import Completed, Invocation
 from agent.requests import (
     AiRenderRequest,
     BlenderRenderRequest,
@@ -56,30 +55,6 @@ def base_images(output: dict[str, Any] | None) -> list[str]:
             and not PurePosixPath(p).stem.endswith(_PASSES)]
 
 
-class _Runner:
-    """Runs a command on the host while reading podq's markers from its output into progress."""
-
-    def __init__(self, ctx: ExecContext, stage: str, expected_variants: int | None = None) -> None:
-        self.ctx = ctx
-        self.stage = stage
-        self.expected = expected_variants
-        self.reader = BlenderOutput()
-        self._last = 0.0
-
-    def on_line(self, stream: str, line: str) -> None:
-        update = self.reader.feed(line)
-        if update is not None and "variant" in update and self.expected:
-            update["fraction"] = round(min(1.0, len(self.reader.variants) / self.expected), 4)
-        now = time.monotonic()
-        if update is not None and ("saved" in update or "variant" in update or now - self._last >= 1 / PROGRESS_PER_S):
-            self._last = now
-            self.ctx.progress({**update, "stage": self.stage})
-
-    async def run(self, invocation: Invocation) -> Completed:
-        handler: LineHandler = self.on_line
-        return await self.ctx.host.run(invocation, handler)
-
-
 async def _access(ctx: ExecContext) -> tuple[str, str, bool]:
     """Base URL as the host must use it, the key, and whether it is podq's emulator."""
     access = ctx.stability
@@ -105,12 +80,7 @@ def _client_options(ctx: ExecContext) -> list[str]:
 
 async def _resolve_inputs(ctx: ExecContext, inputs: list[str]) -> list[str]:
     """Each input as the real file it is on the host, refused if it leads out of the workspace (symlinks too)."""
-    found, problems = await artifacts.describe(ctx.host, inputs)
-    if problems:
-        listed = "; ".join(f"{p} {why}" for p, why in problems.items())
-        code = ErrorCode.NOT_ALLOWED if "outside" in listed else ErrorCode.NOT_FOUND
-        raise PodqError(f"cannot stylize: {listed}", code=code)
-    return [a.path for a in found]
+    return [a.path for a in await artifacts.describe(ctx.host, inputs, what="cannot stylize")]
 
 
 async def _stylize(ctx: ExecContext, params: StylizeParams, inputs: list[str], timeout_s: float) -> _Result:
@@ -124,15 +94,23 @@ async def _stylize(ctx: ExecContext, params: StylizeParams, inputs: list[str], t
         argv += ["--input", path]
     argv += ["--out-dir", OUTPUT_DIR, "--workspace", ws, "--base-url", base_url, "--api-key-stdin",
              *_client_options(ctx)]
-    runner = _Runner(ctx, "stylize", expected_variants=max(len(inputs), 1) * params.variants)
-    completed = await runner.run(Invocation(tuple(argv), timeout_s, stdin=f"{key}\n".encode()))
-    return _Result(completed, runner.reader, emulated)
+    run = ScriptRun(ctx, "stylize", expected_variants=max(len(inputs), 1) * params.variants)
+    completed = await run.run(Invocation(tuple(argv), timeout_s, stdin=f"{key}\n".encode()))
+    return _Result(completed, run, emulated)
+
+
+# What a client that cannot start on the host needs.
+_CLIENT_NEEDS = ("the client needs httpx and Pillow on the host (`pip install httpx pillow` for the Python that "
+                 "`[stability] python` names)")
 
 
 class _Result:
-    def __init__(self, completed: Completed, reader: BlenderOutput, emulated: bool) -> None:
+    """A finished client (or AI Render script) run."""
+
+    def __init__(self, completed: Completed, run: ScriptRun, emulated: bool) -> None:
         self.completed = completed
-        self.reader = reader
+        self.reader = run.reader
+        self.run = run
         self.emulated = emulated
 
     @property
@@ -140,31 +118,12 @@ class _Result:
         return self.completed.exit_code is not None and not self.completed.timed_out
 
     def failure(self, output: dict[str, Any]) -> Outcome:
-        if self.reader.error is not None:
-            code, message = self.reader.error
-            known = {c.value for c in ErrorCode}
-            return Outcome(output=output, error_code=ErrorCode(code) if code in known else ErrorCode.NONZERO_EXIT,
-                           error_message=message)
-        outcome = nonzero(self.completed)
-        if self.reader.last_exception:
-            return Outcome(output=output, error_code=outcome.error_code,
-                           error_message=f"failed: {self.reader.last_exception} (the traceback is in `stderr`)")
-        if "No module named" in self.completed.stderr.decode(errors="replace"):
-            return Outcome(output=output, error_code=outcome.error_code, error_message=(
-                f"{outcome.error_message}: the client needs httpx and Pillow on the host "
-                "(`pip install httpx pillow` for the Python that `[stability] python` names)"))
-        return Outcome(output=output, error_code=outcome.error_code, error_message=outcome.error_message)
+        return self.run.failure(self.completed, output, missing_module_hint=_CLIENT_NEEDS)
 
 
 async def _deliver(ctx: ExecContext, paths: list[str], download: bool) -> list[dict[str, Any]]:
-    made, problems = await artifacts.describe(ctx.host, paths)
-    if problems:
-        listed = "; ".join(f"{p} {why}" for p, why in problems.items())
-        code = ErrorCode.NOT_ALLOWED if "outside" in listed else ErrorCode.NOT_FOUND
-        raise PodqError(f"output files podq cannot deliver: {listed}", code=code)
-    if download:
-        made = await artifacts.download(ctx.host, made, ctx.artifacts_dir / ctx.request_id)
-    return [a.model_dump(exclude_none=True) for a in made]
+    dest = ctx.artifacts_dir / ctx.request_id if download else None
+    return await artifacts.deliver(ctx.host, paths, dest, what="output files podq cannot deliver")
 
 
 def _filtered(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -338,15 +297,15 @@ class AiRender(CommandType[AiRenderRequest]):
             "client_options": _client_options(ctx),
         }
         argv = blender_argv(ctx.target.blender, f"{ws}/{REMOTE_FOLDER}/{AI_SCRIPT}", json.dumps(args))
-        runner = _Runner(ctx, "ai_render", expected_variants=request.stylize.variants)
-        completed = await runner.run(Invocation(argv, invocation.timeout_s, stdin=f"{key}\n".encode()))
-        result = _Result(completed, runner.reader, emulated)
+        run = ScriptRun(ctx, "ai_render", expected_variants=request.stylize.variants)
+        completed = await run.run(Invocation(argv, invocation.timeout_s, stdin=f"{key}\n".encode()))
+        result = _Result(completed, run, emulated)
         output: dict[str, Any] = {"emulated": emulated, "script": AI_SCRIPT,
-                                  "script_sha256": synced.hashes.get(AI_SCRIPT), **runner.reader.info,
-                                  "api_attempts": runner.reader.api_attempts, "variants": runner.reader.variants}
+                                  "script_sha256": synced.hashes.get(AI_SCRIPT), **run.reader.info,
+                                  "api_attempts": run.reader.api_attempts, "variants": run.reader.variants}
         if not result.ran:
             return completed, Outcome(output=output)
         if completed.exit_code != 0:
             return completed, result.failure(output)
-        output["artifacts"] = await _deliver(ctx, runner.reader.outputs, request.download)
-        return completed, _finish(output, runner.reader.variants)
+        output["artifacts"] = await _deliver(ctx, run.reader.outputs, request.download)
+        return completed, _finish(output, run.reader.variants)
