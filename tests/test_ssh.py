@@ -218,15 +218,17 @@ def test_a_cancelled_command_is_stopped_on_the_host(sshd: SSHServer, make_config
     os.mkfifo(fifo)  # `tail` blocks forever opening a FIFO nobody writes
     with BackgroundDaemon(config):
         put(config, id="stuck", type="tail_log", path=fifo.name, timeout_s=120)
-        deadline = time.monotonic() + 10
-        while not _running(fifo):
-            assert time.monotonic() < deadline, "the command never started on the host"
-            time.sleep(0.02)
+        _wait_until(fifo, running=True)
     assert events_of(config, "stuck")[-1] == "cancelled"
-    deadline = time.monotonic() + 5
-    while _running(fifo):  # closing the channel alone would leave it running on the pod
-        assert time.monotonic() < deadline, "the cancelled command still runs on the host"
-        time.sleep(0.05)
+    _wait_until(fifo, running=False)  # closing the channel alone would not stop it
+
+
+def _wait_until(fifo: Path, *, running: bool) -> None:
+    """Until `tail` on `fifo` runs on the host (or, running=False, no longer does)."""
+    deadline = time.monotonic() + (10 if running else 5)
+    while _running(fifo) != running:
+        assert time.monotonic() < deadline, "never started on the host" if running else "still runs on the host"
+        time.sleep(0.02)
 
 
 def _running(fifo: Path) -> bool:
@@ -253,10 +255,7 @@ def test_a_dropped_connection_fails_the_running_command_and_the_next_one_reconne
             put(config, id="first", type="df")
             assert wait_terminal(config, {"first"})["first"].event == Event.SUCCEEDED
             put(config, id="inflight", type="tail_log", path="blocked.log", timeout_s=60)
-            deadline = time.monotonic() + 10
-            while not _running(fifo):
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            _wait_until(fifo, running=True)
             _drop_connections(server)
             lost = wait_terminal(config, {"inflight"}, timeout_s=30)["inflight"]
             put(config, id="after", type="df")
@@ -283,15 +282,9 @@ def test_a_chatty_login_shell_does_not_hide_the_pid_line(make_config: Callable[.
             put(config, id="df", type="df")
             done = wait_terminal(config, {"df"})["df"]
             put(config, id="stuck", type="tail_log", path="blocked.log", timeout_s=120)
-            deadline = time.monotonic() + 10
-            while not _running(fifo):
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            _wait_until(fifo, running=True)
         assert done.event == Event.SUCCEEDED
         assert "cannot change locale" in (done.stderr or "") and "@@podq-pid" not in (done.stderr or "")
-        deadline = time.monotonic() + 5
-        while _running(fifo):
-            assert time.monotonic() < deadline, "the cancelled command still runs on the host"
-            time.sleep(0.05)
+        _wait_until(fifo, running=False)  # closing the channel alone would not stop it
     finally:
         server.stop()
