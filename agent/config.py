@@ -6,7 +6,6 @@ the current directory is.
 
 from __future__ import annotations
 
-import re
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -301,7 +300,3 @@ def load(path: Path | None = None, *, cwd: Path | None = None) -> Config:
 def default(*, cwd: Path | None = None) -> Config:
     """The embedded default: the starter config, rooted at the current directory."""
     return parse(STARTER_CONFIG, base=(cwd or Path.cwd()).resolve(), source=None)
-
-
-def is_valid_host_name(name: str) -> bool:
-    return re.fullmatch(HOST_NAME_PATTERN, name) is not None

@@ -235,12 +235,6 @@ class StateStore:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def get(self, request_id: str) -> Row | None:
-        r = self._db.execute(
-            "SELECT * FROM requests WHERE id = ? AND duplicate = 0", (request_id,)
-        ).fetchone()
-        return _row(r) if r else None
-
     def output_of(self, request_id: str) -> dict[str, Any] | None:
         """The structured output of a request that succeeded, or None."""
         r = self._db.execute(
