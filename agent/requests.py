@@ -20,6 +20,8 @@ from agent.config import HOST_NAME_PATTERN
 from agent.errors import ErrorCode, NotAllowed, RequestError
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# A script's file name in the scripts folder: no folders, so never a path out of it.
+SCRIPT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.py$"
 
 # Paths are quoted wherever they go, but a path is also a name a person reads and a shell may meet later:
 # podq accepts the characters file names in a render pipeline use, and refuses the rest outright.
@@ -144,7 +146,7 @@ class BlenderRenderRequest(_RequestBase):
     """
 
     type: Literal["blender_render"]
-    script: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.py$",
+    script: str = Field(pattern=SCRIPT_PATTERN,
                         description="A script file name from the scripts folder, e.g. make_base_scene.py")
     args: dict[str, Any] = Field(default_factory=dict, description="The script's arguments (see docs/blender.md)")
     download: bool = Field(False, description="Also download every output file to artifacts/<id>/")
@@ -217,7 +219,7 @@ class StabilityGenerateRequest(_RequestBase):
 class RenderSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    script: str = Field("make_base_scene.py", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.py$")
+    script: str = Field("make_base_scene.py", pattern=SCRIPT_PATTERN)
     args: dict[str, Any] = Field(default_factory=dict)
 
 

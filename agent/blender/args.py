@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from agent.requests import check_workspace_path
+from agent.requests import SCRIPT_PATTERN, check_workspace_path
 
 Pose = Literal["t_pose", "a_pose", "standing", "walking", "sitting"]
 POSES: tuple[str, ...] = ("t_pose", "a_pose", "standing", "walking", "sitting")
@@ -101,4 +101,4 @@ SCRIPT_ARGS: dict[str, type[_Args]] = {
     "generate_pose_scene.py": GeneratePoseSceneArgs,
 }
 
-SCRIPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.py$")
+SCRIPT_NAME = re.compile(SCRIPT_PATTERN)
