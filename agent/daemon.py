@@ -259,12 +259,12 @@ class Daemon:
         host = _short_str(data.get("host"))
         meta = data.get("meta") if isinstance(data.get("meta"), dict) else None
         try:
-            _meta_json(meta)
+            meta_json = _meta_json(meta)
         except (TypeError, orjson.JSONEncodeError):
-            meta = None  # too deep to echo back
+            meta, meta_json = None, None  # too deep to echo back
         seq = self.state.claim(
             Claim(id=request_id, generation=self.reader.generation, line_offset=raw.offset, type=kind, host=host,
-                  meta=_meta_json(meta), duplicate=duplicate, error_code=error.code.value,
+                  meta=meta_json, duplicate=duplicate, error_code=error.code.value,
                   error_message=error.message),
             next_offset=raw.end, dev=self.reader.dev, ino=self.reader.ino, tail=self.reader.tail,
         )

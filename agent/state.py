@@ -198,11 +198,7 @@ class StateStore:
     ) -> None:
         """Record that `state`'s line is in results.jsonl, which now ends at `results_offset`."""
         with self._transaction():
-            self._db.execute(
-                "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s),"
-                " output = COALESCE(?, output), error_code = COALESCE(?, error_code) WHERE seq = ?",
-                (state, now(), duration_s, output, error_code, seq),
-            )
+            self._set_state(seq, state, now(), duration_s, output, error_code)
             self._db.execute("UPDATE cursor SET results_checkpoint = ?", (results_offset,))
 
     def apply(self, line: ResultLine) -> None:
@@ -223,10 +219,16 @@ class StateStore:
             return
         output = orjson.dumps(line.output) if line.output is not None else None
         error_code = line.error.code.value if line.error else None
+        self._set_state(row["seq"], line.event.value, line.ts, line.duration_s, output, error_code)
+
+    def _set_state(
+        self, seq: int, state: str, ts: str, duration_s: float | None, output: bytes | None, error_code: str | None
+    ) -> None:
+        """A request's new state; what a later event does not say (duration, output, code) is kept."""
         self._db.execute(
             "UPDATE requests SET state = ?, updated_at = ?, duration_s = COALESCE(?, duration_s),"
             " output = COALESCE(?, output), error_code = COALESCE(?, error_code) WHERE seq = ?",
-            (line.event.value, line.ts, line.duration_s, output, error_code, row["seq"]),
+            (state, ts, duration_s, output, error_code, seq),
         )
 
     def unfinished(self) -> list[Row]:
